@@ -1,0 +1,98 @@
+"""``ebood score`` and ``ebood evaluate``: scores from files, metrics from score files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from ._app import app, command, fail  # noqa: F401
+
+LOGIT_SCORES = ("energy", "msp", "max_logit", "entropy")
+
+
+@command("score")
+def score_command(
+    input_file: Path = typer.Argument(..., help="Logits (.npy/.npz/.pt/.safetensors/.parquet/.csv), or named outputs for --detector."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the scores (.npy, .npz, .csv, .parquet, .safetensors, .pt)."),
+    score: str = typer.Option("energy", "--score", "-s", help="energy | msp | max_logit | entropy | all"),
+    temperature: float = typer.Option(1.0, "--temperature", "-T", help="Softmax temperature for energy and msp."),
+    detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted detector file (from `ebood fit`)."),
+) -> None:
+    """Score inputs: logit scores by name, or any fitted detector (higher = more OOD)."""
+    from .. import io, scores
+    from ..detectors import load
+
+    if detector is not None:
+        det = load(detector)
+        values = det.score(io.read_outputs(input_file))
+        arrays = {det.name: values}
+    else:
+        if score != "all" and score not in LOGIT_SCORES:
+            fail(f"unknown score {score!r}; choose one of {', '.join(LOGIT_SCORES)}, all (or --detector FILE)")
+        arrays_in = io.read_arrays(input_file)
+        logits = arrays_in["logits"] if "logits" in arrays_in else io.read_array(input_file)
+        result = scores.logit_scores(logits, temperature)
+        arrays = {k: result[k] for k in (list(LOGIT_SCORES) + ["prediction"] if score == "all" else [score])}
+    if output.suffix.lower() in (".npy", ".csv") and len(arrays) > 1:
+        fail(f"{output}: --score all writes several arrays; use .npz, .parquet, .safetensors or .pt")
+    io.write_arrays(output, {k: v.cpu() for k, v in arrays.items()})
+    n = next(iter(arrays.values())).numel()
+    typer.echo(f"wrote {', '.join(arrays)} for {n} samples to {output}")
+
+
+def _parse_ood(specs: list[str]) -> dict[str, Path]:
+    sets: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            name, file = Path(spec).stem, spec
+        if not name or not file:
+            fail(f"--ood {spec!r}: expected FILE or NAME=FILE")
+        if name in sets:
+            fail(f"OOD set name {name!r} given twice")
+        sets[name] = Path(file)
+    return sets
+
+
+def _read_scores(path: Path, key: Optional[str]) -> np.ndarray:
+    from .. import io
+
+    a = io.read_array(path, key)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)
+    if a.ndim != 1:
+        fail(f"{path}: expected one score per sample (a 1-D array), got shape {a.shape}")
+    return a
+
+
+@command("evaluate")
+def evaluate_command(
+    id_scores: Path = typer.Option(..., "--id", help="Scores of in-distribution test samples."),
+    ood: list[str] = typer.Option(..., "--ood", help="Scores of an OOD set: FILE or NAME=FILE (repeatable)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Array name inside multi-array files (e.g. energy)."),
+    tpr: float = typer.Option(0.95, "--tpr", help="True positive rate for the FPR column."),
+    positive: str = typer.Option("id", "--positive", help="Positive class of the FPR: id (energy paper) or ood (OpenOOD)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (fractions) instead of a table."),
+) -> None:
+    """Metrics (FPR@TPR, AUROC, AUPR-In, AUPR-Out) of ID vs each OOD set, and their mean."""
+    from .. import metrics
+    from ..tables import metrics_table, print_table
+
+    if positive not in ("id", "ood"):
+        fail(f"--positive must be 'id' or 'ood', got {positive!r}")
+    id_a = _read_scores(id_scores, key)
+    rows = {}
+    for name, path in _parse_ood(ood).items():
+        try:
+            rows[name] = metrics.evaluate(id_a, _read_scores(path, key), tpr=tpr, positive=positive)
+        except ValueError as exc:
+            fail(f"{path}: {exc}")
+    mean = {m: float(np.mean([r[m] for r in rows.values()])) for m in metrics.METRIC_NAMES}
+    if as_json:
+        typer.echo(json.dumps({"tpr": tpr, "positive": positive, "sets": rows, "mean": mean}, indent=2))
+        return
+    print_table(metrics_table(rows, mean, tpr=tpr, positive=positive))

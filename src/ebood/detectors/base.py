@@ -1,0 +1,306 @@
+"""The detector API: hyperparameters in ``__init__``, learned state from ``fit``, scores from ``score``.
+
+Conventions every detector follows (see CONVENTIONS.md):
+
+* ``score`` returns one OOD score per sample, higher = more OOD.
+* Learned state lives in attributes whose names end with ``_`` (scikit-learn style). Tensors among
+  them are saved with safetensors, plain values (numbers, strings, lists) in the JSON header, so
+  :meth:`Detector.save` and :func:`load` need nothing from subclasses.
+* Detectors whose fit is a sum over samples set ``streaming = True`` and implement
+  ``_accumulate(batch)`` (add float64 sums to ``*_`` attributes), ``_merge(other)`` and
+  ``_finalize()`` (derive what scoring needs). ``fit``, ``partial_fit`` and ``merge`` are then
+  provided here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import torch
+
+from .. import __version__
+from ..metrics import id_threshold
+from ..outputs import Outputs
+from ..state import StateError, load_state, save_state
+
+__all__ = ["Detector", "NotFittedError", "MissingFieldError", "register", "create", "available", "get", "load"]
+
+_REGISTRY: dict[str, type["Detector"]] = {}
+STATE_FORMAT = "ebood.detector"
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a detector that needs fitting is used before ``fit``."""
+
+
+class MissingFieldError(ValueError):
+    """Raised when Outputs lack a field (logits, features, labels, head) that a detector needs."""
+
+
+def register(cls: type["Detector"]) -> type["Detector"]:
+    """Class decorator: add a detector to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no registry name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"detector name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of all registered detectors, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type["Detector"]:
+    """The detector class registered under ``name``; an unknown name lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"unknown detector {name!r}.{hint} Known detectors: {', '.join(available())}") from None
+
+
+def create(name: str, **hyperparameters: Any) -> "Detector":
+    """Create the detector registered under ``name`` with the given hyperparameters."""
+    cls = get(name)
+    params = cls.hyperparameter_names()
+    unknown = sorted(set(hyperparameters) - set(params))
+    if unknown:
+        raise TypeError(
+            f"detector {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"its hyperparameters are: {', '.join(params) or '(none)'}"
+        )
+    return cls(**hyperparameters)
+
+
+class Detector:
+    """Base class of every OOD detector (post-hoc and model-level)."""
+
+    #: registry name
+    name: ClassVar[str] = ""
+    #: Outputs fields needed to score
+    requires: ClassVar[tuple[str, ...]] = ("logits",)
+    #: extra Outputs fields needed to fit (e.g. ``("labels",)``)
+    fit_requires: ClassVar[tuple[str, ...]] = ()
+    #: False for detectors whose ``fit`` learns nothing (fit is then optional)
+    needs_fit: ClassVar[bool] = True
+    #: True when fit is a sum over samples: ``partial_fit`` and ``merge`` are available
+    streaming: ClassVar[bool] = False
+    #: paper, for ``ebood detectors`` and the docs
+    paper: ClassVar[str] = ""
+
+    threshold_: float | None = None
+
+    # ----- hyperparameters -------------------------------------------------------------------
+    @classmethod
+    def hyperparameter_names(cls) -> list[str]:
+        """Names of the ``__init__`` parameters (the hyperparameters)."""
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        sig = inspect.signature(cls.__init__)
+        return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyperparameters, as given to ``__init__``."""
+        return {p: getattr(self, p) for p in self.hyperparameter_names()}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    # ----- learned state ---------------------------------------------------------------------
+    def _learned(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_") and k != "threshold_"}
+
+    @property
+    def is_fitted(self) -> bool:
+        return not self.needs_fit or bool(getattr(self, "_fitted", False))
+
+    def _check_fields(self, outputs: Outputs, fields: Iterable[str], action: str) -> None:
+        if not isinstance(outputs, Outputs):
+            raise TypeError(f"{self.name}.{action} expects ebood.Outputs, got {type(outputs).__name__}")
+        for f in fields:
+            if not outputs.has(f):
+                raise MissingFieldError(
+                    f"detector {self.name!r} needs Outputs.{f} to {action}, but the outputs given have no {f}"
+                )
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"detector {self.name!r} is not fitted: call fit() (or partial_fit()) first")
+
+    # ----- fitting ---------------------------------------------------------------------------
+    def fit(self, data: Outputs | Iterable[Outputs]) -> "Detector":
+        """Learn from in-distribution (training) outputs, or from an iterable of batches of them."""
+        batches = [data] if isinstance(data, Outputs) else data
+        if self.streaming:
+            self._reset()
+            seen = False
+            for batch in batches:
+                self._check_fields(batch, self.requires + self.fit_requires, "fit")
+                self._accumulate(batch)
+                seen = True
+            if not seen:
+                raise ValueError(f"detector {self.name!r}: fit received no data")
+            self._finish_fit()
+            return self
+        parts = list(batches)
+        if not parts:
+            raise ValueError(f"detector {self.name!r}: fit received no data")
+        full = parts[0] if len(parts) == 1 else Outputs.concat(parts)
+        self._check_fields(full, self.requires + self.fit_requires, "fit")
+        if len(full) == 0:
+            raise ValueError(f"detector {self.name!r}: fit received an empty set of outputs")
+        self._fit(full)
+        self._fitted = True
+        return self
+
+    def partial_fit(self, batch: Outputs) -> "Detector":
+        """Add one batch to the fit (streaming detectors only). Scores use all batches seen so far."""
+        if not self.streaming:
+            raise TypeError(f"detector {self.name!r} cannot be fitted batch by batch; call fit() with all data (or an iterable of batches)")
+        self._check_fields(batch, self.requires + self.fit_requires, "fit")
+        if not getattr(self, "_started", False):
+            self._reset()
+        self._accumulate(batch)
+        self._finish_fit()
+        return self
+
+    def merge(self, other: "Detector") -> "Detector":
+        """Combine the partial fit of ``other`` (same detector, same hyperparameters) into this one."""
+        if not self.streaming:
+            raise TypeError(f"detector {self.name!r} does not support merge()")
+        if type(other) is not type(self) or other.get_params() != self.get_params():
+            raise ValueError(f"can only merge {self!r} with a detector of the same kind and hyperparameters, got {other!r}")
+        if not getattr(other, "_started", False):
+            return self
+        if not getattr(self, "_started", False):
+            self._reset()
+        self._merge(other)
+        self._finish_fit()
+        return self
+
+    def _finish_fit(self) -> None:
+        self._started = True
+        self._fitted = True
+        self._final = False
+
+    def _ensure_final(self) -> None:
+        if self.streaming and not getattr(self, "_final", True):
+            self._finalize()
+            self._final = True
+
+    # hooks for subclasses ----------------------------------------------------------------
+    def _fit(self, outputs: Outputs) -> None:
+        """Learn state from all training outputs (non-streaming detectors)."""
+        if self.streaming:
+            self._reset()
+            self._accumulate(outputs)
+            self._finish_fit()
+
+    def _reset(self) -> None:
+        """Start empty sufficient statistics (streaming detectors)."""
+        self._started = True
+
+    def _accumulate(self, batch: Outputs) -> None:
+        raise NotImplementedError
+
+    def _merge(self, other: "Detector") -> None:
+        raise NotImplementedError
+
+    def _finalize(self) -> None:
+        """Derive what scoring needs from the sufficient statistics (streaming detectors)."""
+
+    def _score(self, outputs: Outputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _validate_state(self) -> None:
+        """Check the shapes of loaded state (raise ValueError naming the mismatch)."""
+
+    # ----- scoring ---------------------------------------------------------------------------
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        """One OOD score per sample (higher = more OOD), a 1-D tensor."""
+        self._check_fields(outputs, self.requires, "score")
+        self._check_fitted()
+        self._ensure_final()
+        return self._score(outputs)
+
+    def calibrate(self, id_outputs: Outputs, tpr: float = 0.95) -> "Detector":
+        """Set ``threshold_``: the smallest score at which at least ``tpr`` of ID samples are kept."""
+        scores = self.score(id_outputs)
+        finite = torch.isfinite(scores)
+        if not bool(finite.all()):
+            raise ValueError(f"detector {self.name!r} gave {int((~finite).sum())} non-finite scores on the calibration outputs")
+        self.threshold_ = id_threshold(scores, tpr)
+        self.calibration_tpr_ = float(tpr)
+        return self
+
+    def predict(self, outputs: Outputs) -> torch.Tensor:
+        """A bool tensor, True where a sample is flagged as OOD (``score > threshold_``)."""
+        if self.threshold_ is None:
+            raise NotFittedError(f"detector {self.name!r} has no threshold: call calibrate() on ID validation outputs first")
+        return self.score(outputs) > self.threshold_
+
+    # ----- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the detector (hyperparameters, learned state, threshold) to a safetensors file."""
+        self._check_fitted()
+        self._ensure_final()
+        tensors: dict[str, torch.Tensor] = {}
+        plain: dict[str, Any] = {}
+        for key, value in self._learned().items():
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                for sub, t in value.items():
+                    tensors[f"{key}/{sub}"] = t
+                plain[key] = {"__tensor_dict__": list(value)}
+            else:
+                plain[key] = value
+        header = {
+            "format": STATE_FORMAT,
+            "ebood_version": __version__,
+            "detector": self.name,
+            "hyperparameters": self.get_params(),
+            "threshold": self.threshold_,
+            "fitted": bool(getattr(self, "_fitted", False)),
+            "learned": plain,
+        }
+        return save_state(path, tensors, header)
+
+    @classmethod
+    def _from_state(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Path) -> "Detector":
+        det = create(header["detector"], **header.get("hyperparameters", {}))
+        for key, value in header.get("learned", {}).items():
+            if isinstance(value, dict) and "__tensor_dict__" in value:
+                value = {sub: tensors.pop(f"{key}/{sub}") for sub in value["__tensor_dict__"]}
+            setattr(det, key, value)
+        for key, t in tensors.items():
+            setattr(det, key, t)
+        det.threshold_ = header.get("threshold")
+        det._fitted = bool(header.get("fitted", False))
+        det._started = det._fitted
+        det._final = True
+        try:
+            det._validate_state()
+        except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+            raise StateError(f"{path}: inconsistent detector state for {det.name!r}: {exc}") from exc
+        return det
+
+
+def load(path: str | Path) -> Detector:
+    """Load a detector saved with :meth:`Detector.save`. Never unpickles."""
+    path = Path(path)
+    tensors, header = load_state(path, expected_format=STATE_FORMAT)
+    name = header.get("detector")
+    if name not in _REGISTRY:
+        raise StateError(f"{path}: detector {name!r} is not known to this ebood ({__version__})")
+    thr = header.get("threshold")
+    if thr is not None and not (isinstance(thr, (int, float)) and math.isfinite(thr)):
+        raise StateError(f"{path}: invalid threshold {thr!r}")
+    return Detector._from_state(tensors, header, path)
