@@ -1,10 +1,15 @@
 """ebood: energy-based out-of-distribution detection.
 
-Layers, each using only the ones above it in this list:
+Layers, each using only the ones before it in this list:
 ``scores`` / ``metrics`` (pure functions) -> ``outputs`` (what a model produced) -> ``detectors``
 (fit / score objects) -> ``extract`` (running a model once) -> ``bench`` (benchmark runner) ->
 ``report`` and ``cli``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -12,4 +17,17 @@ from . import metrics, scores  # noqa: E402
 from .outputs import Head, Outputs  # noqa: E402
 from .detectors import load  # noqa: E402
 
-__all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load"]
+__all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors"]
+
+_LAZY_FUNCTIONS = {"extract": "extract", "evaluate_detectors": "evaluation"}
+_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extract", "evaluation")
+
+
+def __getattr__(name: str) -> Any:
+    # Heavier layers load on first use so that `import ebood` stays fast.
+    if name in _LAZY_FUNCTIONS:
+        module = importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__)
+        return getattr(module, name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ebood' has no attribute {name!r}")

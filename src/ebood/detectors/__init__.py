@@ -2,12 +2,15 @@
 
 One file per family: ``logit`` (logits only), ``feature`` (penultimate features), ``shaping``
 (activation shaping, re-applying the head) and ``model`` (detectors that need the model itself).
+A new detector is one class in one of these files, decorated with ``@register``.
 """
 
 from .base import Detector, MissingFieldError, NotFittedError, available, create, get, load, register
-from .logit import MSP, Energy, Entropy, MaxLogit
+from .logit import *  # noqa: F401,F403
+from .feature import *  # noqa: F401,F403
+from .shaping import *  # noqa: F401,F403
+from .model import *  # noqa: F401,F403
+from . import feature, logit, model, shaping
 
-__all__ = [
-    "Detector", "MissingFieldError", "NotFittedError", "available", "create", "get", "load", "register",
-    "MSP", "Energy", "Entropy", "MaxLogit",
-]
+__all__ = ["Detector", "MissingFieldError", "NotFittedError", "available", "create", "get", "load", "register"]
+__all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__

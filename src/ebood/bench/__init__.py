@@ -1,0 +1,1 @@
+"""ebood.bench (see ARCHITECTURE in the README)."""

@@ -1,0 +1,1 @@
+"""ebood.data (see ARCHITECTURE in the README)."""

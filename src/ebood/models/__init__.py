@@ -1,0 +1,1 @@
+"""ebood.models (see ARCHITECTURE in the README)."""

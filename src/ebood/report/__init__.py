@@ -1,0 +1,1 @@
+"""ebood.report (see ARCHITECTURE in the README)."""

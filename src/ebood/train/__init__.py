@@ -1,0 +1,1 @@
+"""ebood.train (see ARCHITECTURE in the README)."""
