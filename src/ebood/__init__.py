@@ -2,7 +2,7 @@
 
 Layers, each using only the ones before it in this list:
 ``scores`` / ``metrics`` (pure functions) -> ``outputs`` (what a model produced) -> ``detectors``
-(fit / score objects) -> ``extract`` (running a model once) -> ``bench`` (benchmark runner) ->
+(fit / score objects) -> ``extraction`` (running a model once: ``ebood.extract``) -> ``bench`` (benchmark runner) ->
 ``report`` and ``cli``.
 """
 
@@ -19,8 +19,8 @@ from .detectors import load  # noqa: E402
 
 __all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors"]
 
-_LAZY_FUNCTIONS = {"extract": "extract", "evaluate_detectors": "evaluation"}
-_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extract", "evaluation")
+_LAZY_FUNCTIONS = {"extract": "extraction", "evaluate_detectors": "evaluation"}
+_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation")
 
 
 def __getattr__(name: str) -> Any:
