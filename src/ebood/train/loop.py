@@ -1,0 +1,404 @@
+"""The training loop shared by :func:`ebood.train.finetune` and :func:`ebood.train.train_classifier`.
+
+One step: draw an ID batch (and, when fine-tuning, the next outlier batch), run the model once
+on their concatenation (as the official energy-OOD code does, so BatchNorm sees both), evaluate
+the loss, stop if it is not finite, back-propagate, step the optimiser, then the per-step
+learning-rate schedule. After every epoch the run is checkpointed (see ``checkpoint.py``).
+
+Determinism: the global torch RNG (dropout) is seeded from the run's seed inside
+``torch.random.fork_rng`` (the caller's RNG state is left as it was) and saved with every
+checkpoint; data order comes from ``batches.py``. On CPU, the same seed gives bit-identical
+weights, and resuming from a checkpoint gives the weights of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from .batches import LabelledSource, OutlierSource, as_dataset, derived_seed
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .losses import LossParts
+
+__all__ = ["StepInfo", "EpochMetrics", "NonFiniteLossError", "TrainingInterrupted", "cosine_factor", "run"]
+
+_MODEL_RNG_STREAM = 3
+
+#: Settings that define a run: resuming with any of them changed is refused.
+RUN_DEFINING = ("kind", "loss", "epochs", "lr", "lr_min", "optimizer", "momentum", "nesterov",
+                "weight_decay", "id_batch_size", "outlier_batch_size", "seed")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a KeyboardInterrupt from a callback) stopped training; ``checkpoint`` is the last one."""
+
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one optimisation step measured (passed to ``on_step``). ``step`` counts from 1 over the run."""
+
+    epoch: int
+    step: int
+    loss: float
+    ce: float
+    in_term: float
+    out_term: float
+    energy_in: float
+    energy_out: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """Means over one epoch's steps (passed to ``on_epoch`` and saved in every checkpoint).
+
+    ``energy_in`` / ``energy_out`` are mean free energies ``-logsumexp(f)`` of the ID and outlier
+    batches (NaN without outliers); ``accuracy`` is on the training batches as they were seen;
+    ``val_accuracy`` on the validation data after the epoch (None without validation data); ``lr``
+    the learning rate of the epoch's last step.
+    """
+
+    epoch: int
+    step: int
+    loss: float
+    ce: float
+    in_term: float
+    out_term: float
+    energy_in: float
+    energy_out: float
+    accuracy: float
+    val_accuracy: Optional[float]
+    lr: float
+    seconds: float
+
+
+def cosine_factor(step: int, total_steps: int, floor: float) -> float:
+    """``floor + (1 - floor) * (1 + cos(pi * step / total_steps)) / 2``: 1 at step 0, ``floor`` at the end.
+
+    The multiplier of the base learning rate in the official energy-OOD code's ``LambdaLR``
+    (there ``floor = 1e-6 / lr``, so the rate anneals from ``lr`` to 1e-6 over the run).
+    """
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], LossParts]
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, gathered by ``finetune`` / ``train_classifier``."""
+
+    model: torch.nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    id_source: LabelledSource
+    outlier_source: OutlierSource | None
+    settings: dict[str, Any]
+    device: torch.device
+    checkpoint_dir: Path | None = None
+    resume: Path | None = None
+    progress: bool = True
+    validation: LabelledSource | None = None
+    on_step: Callable[[StepInfo], None] | None = None
+    on_epoch: Callable[[EpochMetrics], None] | None = None
+
+
+def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` if given (the model is moved there), else the device of the model's parameters."""
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+    dev = torch.device(device)
+    model.to(dev)
+    return dev
+
+
+def _input_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return logits of shape (batch, classes) = ({x.shape[0]}, C), got {shape}")
+    return out
+
+
+def _accuracy(model: torch.nn.Module, source: LabelledSource, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    dtype = _input_dtype(model)
+    with torch.no_grad():
+        for x, y in source.epoch(0):
+            pred = _logits(model, x.to(device, dtype)).argmax(dim=1).cpu()
+            correct += int((pred == y).sum())
+            total += int(y.numel())
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+class _Bar:
+    """A rich progress bar on stderr, shown only when asked for and stderr is a terminal."""
+
+    def __init__(self, enabled: bool, total_epochs: int, steps_per_epoch: int):
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                                 transient=False)
+        self.total_epochs, self.steps = total_epochs, steps_per_epoch
+        self.task = None
+
+    def __enter__(self) -> "_Bar":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def new_epoch(self, epoch: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(f"epoch {epoch}/{self.total_epochs}", total=self.steps, stats="")
+
+    def update(self, means: dict[str, float], has_outliers: bool) -> None:
+        if self.progress is None or self.task is None:
+            return
+        stats = f"loss {means['loss']:.4f}  ce {means['ce']:.4f}"
+        if has_outliers:
+            stats += (f"  in {means['in_term']:.3g}  out {means['out_term']:.3g}  "
+                      f"E_in {means['energy_in']:.2f}  E_out {means['energy_out']:.2f}")
+        stats += f"  acc {means['accuracy']:.3f}"
+        self.progress.update(self.task, advance=1, stats=stats)
+
+
+_STAT_NAMES = ("loss", "ce", "in_term", "out_term", "energy_in", "energy_out", "accuracy")
+
+
+def _step_stats(parts: LossParts, in_logits: torch.Tensor, labels: torch.Tensor,
+                out_logits: torch.Tensor | None) -> list[float]:
+    """The step's numbers, fetched from the device in one transfer."""
+    with torch.no_grad():
+        e_in = -torch.logsumexp(in_logits.detach(), dim=1).mean()
+        e_out = (-torch.logsumexp(out_logits.detach(), dim=1).mean() if out_logits is not None
+                 else torch.full((), math.nan, device=in_logits.device))
+        acc = (in_logits.detach().argmax(dim=1) == labels).float().mean()
+        values = [parts.total, parts.ce, parts.in_term, parts.out_term, e_in, e_out, acc]
+        return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).cpu().tolist()
+
+
+def _check_resume(saved: dict[str, Any], settings: dict[str, Any], where: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {settings.get(k)!r}" for k in RUN_DEFINING
+             if saved.get(k) != settings.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume from {where}: the run's settings differ ({'; '.join(diffs)})")
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def run(r: Run) -> torch.nn.Module:
+    """Train ``r.model`` as described by ``r`` and return it (in eval mode)."""
+    devices = [r.device.index or 0] if r.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _run(r)
+
+
+def _run(r: Run) -> torch.nn.Module:
+    s = r.settings
+    epochs, steps_per_epoch = int(s["epochs"]), len(r.id_source)
+    total_steps = epochs * steps_per_epoch
+    floor = float(s["lr_min"]) / float(s["lr"]) if s["lr"] > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lambda k: cosine_factor(k, total_steps, floor))
+    history: list[dict[str, Any]] = []
+    start_epoch, step, last_ckpt = 0, 0, None
+
+    if r.resume is not None:
+        ckpt = load_checkpoint(r.resume)
+        _check_resume(ckpt.info.get("settings", {}), s, ckpt.path)
+        r.model.load_state_dict(ckpt.model_state)
+        r.optimizer.load_state_dict(ckpt.optimizer_state)
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        _set_rng_state(ckpt.rng, r.device)
+        start_epoch, step, last_ckpt = ckpt.epoch, ckpt.step, ckpt.path
+        history = list(ckpt.info.get("history", []))
+    else:
+        torch.manual_seed(derived_seed(int(s["seed"]), _MODEL_RNG_STREAM))
+        if r.checkpoint_dir is not None and list_checkpoints(r.checkpoint_dir):
+            raise FileExistsError(
+                f"{r.checkpoint_dir} already holds checkpoints ({list_checkpoints(r.checkpoint_dir)[-1].name}); "
+                f"resume from them or choose an empty folder"
+            )
+
+    dtype = _input_dtype(r.model)
+    outliers: Iterator[torch.Tensor] | None = None
+    if r.outlier_source is not None:
+        outliers = r.outlier_source.stream(start_batch=step)
+    epoch, in_epoch = start_epoch, 0
+    r.model.train()
+    try:
+        with _Bar(r.progress, epochs, steps_per_epoch) as bar:
+            for epoch in range(start_epoch + 1, epochs + 1):
+                bar.new_epoch(epoch)
+                started, sums, in_epoch = time.perf_counter(), [0.0] * len(_STAT_NAMES), 0
+                lr = r.optimizer.param_groups[0]["lr"]
+                for x_in, y_in in r.id_source.epoch(epoch - 1):
+                    x_in, y_in = x_in.to(r.device, dtype, non_blocking=True), y_in.to(r.device, non_blocking=True)
+                    x_out = next(outliers).to(r.device, dtype, non_blocking=True) if outliers is not None else None
+                    x = torch.cat([x_in, x_out]) if x_out is not None else x_in
+                    logits = _logits(r.model, x)
+                    in_logits = logits[: x_in.shape[0]]
+                    out_logits = logits[x_in.shape[0]:] if x_out is not None else None
+                    parts = r.loss_fn(in_logits, y_in, out_logits)
+                    stats = _step_stats(parts, in_logits, y_in, out_logits)
+                    if not math.isfinite(stats[0]):
+                        raise _non_finite(stats, epoch, step + 1, in_epoch + 1, last_ckpt, r.checkpoint_dir)
+                    r.optimizer.zero_grad(set_to_none=True)
+                    parts.total.backward()
+                    r.optimizer.step()
+                    lr = r.optimizer.param_groups[0]["lr"]
+                    scheduler.step()
+                    step, in_epoch = step + 1, in_epoch + 1
+                    sums = [a + b for a, b in zip(sums, stats)]
+                    means = {k: v / in_epoch for k, v in zip(_STAT_NAMES, sums)}
+                    bar.update(means, outliers is not None)
+                    if r.on_step is not None:
+                        r.on_step(StepInfo(epoch, step, *stats[:6], lr=lr))
+                metrics = EpochMetrics(
+                    epoch=epoch, step=step, **{k: v / max(in_epoch, 1) for k, v in zip(_STAT_NAMES, sums)},
+                    val_accuracy=_accuracy(r.model, r.validation, r.device) if r.validation is not None else None,
+                    lr=lr, seconds=time.perf_counter() - started,
+                )
+                history.append(asdict(metrics))
+                if r.checkpoint_dir is not None:
+                    info = {"settings": s, "epoch": epoch, "step": step, "history": history}
+                    last_ckpt = save_checkpoint(r.checkpoint_dir, epoch, r.model, r.optimizer,
+                                                scheduler.state_dict(), _rng_state(r.device), info)
+                if r.on_epoch is not None:
+                    r.on_epoch(metrics)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        where = f"last checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        raise TrainingInterrupted(
+            f"training interrupted in epoch {epoch}, after {step} steps ({in_epoch} of this epoch); {where}",
+            epoch, step, last_ckpt,
+        ) from None
+    r.model.eval()
+    return r.model
+
+
+def _non_finite(stats: list[float], epoch: int, step: int, in_epoch: int, last_ckpt: Path | None,
+                folder: Path | None) -> NonFiniteLossError:
+    parts = ", ".join(f"{k}={v:.6g}" for k, v in zip(_STAT_NAMES[:4], stats[:4]))
+    if last_ckpt is not None:
+        where = f"the last good checkpoint is {last_ckpt}"
+    elif folder is not None:
+        where = "no checkpoint had been written yet"
+    else:
+        where = "checkpointing was off"
+    return NonFiniteLossError(
+        f"non-finite loss at step {step} (epoch {epoch}, step {in_epoch} of the epoch): {parts}; training "
+        f"stopped before applying it; {where}. Try a lower learning rate or check the inputs for NaN/inf.",
+        epoch, step, last_ckpt,
+    )
+
+
+# --- run settings, shared by finetune and train_classifier ---
+
+def describe_data(data: Any) -> str:
+    """A short, stable description of a data argument for the run record."""
+    fp = getattr(data, "fingerprint", None) or getattr(getattr(data, "dataset", None), "fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    try:
+        return f"{type(data).__name__}(n={len(data)})"
+    except TypeError:
+        return type(data).__name__
+
+
+def check_positive(value: float, name: str, allow_zero: bool = False) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
+
+
+def check_count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_settings(kind: str, loss: dict[str, Any] | str, epochs: int, lr: float, lr_min: float, momentum: float,
+                   nesterov: bool, weight_decay: float, id_batch_size: int, outlier_batch_size: int | None,
+                   seed: int, optimizer: str) -> dict[str, Any]:
+    """The run's settings as plain values, validated (saved in checkpoints, compared on resume)."""
+    from .. import __version__
+
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    return {
+        "kind": kind, "loss": loss, "epochs": check_count(epochs, "epochs"),
+        "lr": check_positive(lr, "lr"), "lr_min": check_positive(lr_min, "lr_min", allow_zero=True),
+        "optimizer": optimizer, "momentum": check_positive(momentum, "momentum", allow_zero=True),
+        "nesterov": bool(nesterov), "weight_decay": check_positive(weight_decay, "weight_decay", allow_zero=True),
+        "id_batch_size": check_count(id_batch_size, "id_batch_size"),
+        "outlier_batch_size": None if outlier_batch_size is None else check_count(outlier_batch_size,
+                                                                                  "outlier_batch_size"),
+        "seed": int(seed), "ebood_version": __version__,
+    }
+
+
+def validation_source(data: Any, batch_size: int, seed: int, num_workers: int) -> LabelledSource | None:
+    """Labelled validation data as a source, or None."""
+    if data is None:
+        return None
+    return LabelledSource(as_dataset(data, "validation"), max(batch_size, 256), seed, num_workers, "validation")
+
+
+def checkpoint_paths(checkpoint_dir: str | Path | None, resume: str | Path | None) -> dict[str, Path | None]:
+    """Where to resume from (the latest checkpoint under ``resume``) and where to write (default: beside it)."""
+    res = find_checkpoint(resume) if resume is not None else None
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else (res.parent if res is not None else None)
+    return {"checkpoint_dir": folder, "resume": res}
