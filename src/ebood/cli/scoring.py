@@ -21,15 +21,26 @@ def score_command(
     score: str = typer.Option("energy", "--score", "-s", help="energy | msp | max_logit | entropy | all"),
     temperature: float = typer.Option(1.0, "--temperature", "-T", help="Softmax temperature for energy and msp."),
     detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted detector file (from `ebood fit`)."),
+    head: Optional[Path] = typer.Option(None, "--head", help="With --detector: the classifier head (.npz/.safetensors with head_weight, head_bias) for input files that cannot hold it (parquet)."),
+    predict: bool = typer.Option(False, "--predict", help="With --detector: also write is_ood (1 = flagged) from the threshold set by `ebood fit --calibrate`."),
 ) -> None:
     """Score inputs: logit scores by name, or any fitted detector (higher = more OOD)."""
+    import torch
+
     from .. import io, scores
     from ..detectors import load
+    from .detecting import read_outputs_with_head
 
+    if detector is None and (head is not None or predict):
+        fail("--head and --predict need --detector FILE")
     if detector is not None:
         det = load(detector)
-        values = det.score(io.read_outputs(input_file))
+        if predict and det.threshold_ is None:
+            fail(f"{detector}: the detector has no threshold; fit it with `ebood fit ... --calibrate ID_FILE` to use --predict")
+        values = det.score(read_outputs_with_head(input_file, head))
         arrays = {det.name: values}
+        if predict:
+            arrays["is_ood"] = (values > det.threshold_).to(torch.int8)
     else:
         if score != "all" and score not in LOGIT_SCORES:
             fail(f"unknown score {score!r}; choose one of {', '.join(LOGIT_SCORES)}, all (or --detector FILE)")
@@ -38,7 +49,7 @@ def score_command(
         result = scores.logit_scores(logits, temperature)
         arrays = {k: result[k] for k in (list(LOGIT_SCORES) + ["prediction"] if score == "all" else [score])}
     if output.suffix.lower() in (".npy", ".csv") and len(arrays) > 1:
-        fail(f"{output}: --score all writes several arrays; use .npz, .parquet, .safetensors or .pt")
+        fail(f"{output}: {' and '.join(arrays)} are several arrays; write them to .npz, .parquet, .safetensors or .pt")
     io.write_arrays(output, {k: v.cpu() for k, v in arrays.items()})
     n = next(iter(arrays.values())).numel()
     typer.echo(f"wrote {', '.join(arrays)} for {n} samples to {output}")
@@ -61,7 +72,12 @@ def _parse_ood(specs: list[str]) -> dict[str, Path]:
 def _read_scores(path: Path, key: Optional[str]) -> np.ndarray:
     from .. import io
 
+    arrays = io.read_arrays(path)
+    if key is None and len(arrays) > 1:
+        fail(f"{path} holds several arrays ({', '.join(arrays)}); choose the scores with --key NAME")
     a = io.read_array(path, key)
+    if a.dtype.kind not in "fiu":
+        fail(f"{path}: scores must be numbers, got dtype {a.dtype}")
     if a.ndim == 2 and 1 in a.shape:
         a = a.reshape(-1)
     if a.ndim != 1:
@@ -84,6 +100,8 @@ def evaluate_command(
 
     if positive not in ("id", "ood"):
         fail(f"--positive must be 'id' or 'ood', got {positive!r}")
+    if not 0.0 < tpr <= 1.0:
+        fail(f"--tpr must be in (0, 1], got {tpr!r}")
     id_a = _read_scores(id_scores, key)
     rows = {}
     for name, path in _parse_ood(ood).items():
