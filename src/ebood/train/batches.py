@@ -71,7 +71,10 @@ def split_batch(batch: Any, name: str, need_labels: bool) -> tuple[torch.Tensor,
 
 
 def _loader(dataset: Dataset, batches: Iterable[list[int]], num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)  # type: ignore[arg-type]
+    # A private generator: otherwise every new DataLoader iterator draws its worker base seed from
+    # the global RNG, which would shift the dropout masks of a resumed run.
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
+                      generator=torch.Generator().manual_seed(0))
 
 
 @dataclass

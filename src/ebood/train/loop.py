@@ -217,6 +217,18 @@ def _step_stats(parts: LossParts, in_logits: torch.Tensor, labels: torch.Tensor,
         return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).cpu().tolist()
 
 
+def _snapshot_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of the buffers (BatchNorm running statistics), which the forward pass updates in place."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def _restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    # A non-finite batch must not leave NaN running statistics behind in the returned model.
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+
+
 def _check_resume(saved: dict[str, Any], settings: dict[str, Any], where: Path) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {settings.get(k)!r}" for k in RUN_DEFINING
              if saved.get(k) != settings.get(k)]
@@ -286,12 +298,14 @@ def _run(r: Run) -> torch.nn.Module:
                     x_in, y_in = x_in.to(r.device, dtype, non_blocking=True), y_in.to(r.device, non_blocking=True)
                     x_out = next(outliers).to(r.device, dtype, non_blocking=True) if outliers is not None else None
                     x = torch.cat([x_in, x_out]) if x_out is not None else x_in
+                    buffers = _snapshot_buffers(r.model)
                     logits = _logits(r.model, x)
                     in_logits = logits[: x_in.shape[0]]
                     out_logits = logits[x_in.shape[0]:] if x_out is not None else None
                     parts = r.loss_fn(in_logits, y_in, out_logits)
                     stats = _step_stats(parts, in_logits, y_in, out_logits)
                     if not math.isfinite(stats[0]):
+                        _restore_buffers(r.model, buffers)
                         raise _non_finite(stats, epoch, step + 1, in_epoch + 1, last_ckpt, r.checkpoint_dir)
                     r.optimizer.zero_grad(set_to_none=True)
                     parts.total.backward()

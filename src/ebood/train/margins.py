@@ -79,7 +79,7 @@ def model_energies(model: torch.nn.Module, data: Any, *, temperature: float = 1.
         if max_samples is not None and n > max_samples:
             gen = torch.Generator().manual_seed(derived_seed(seed, _SUBSET_STREAM))
             dataset = Subset(dataset, torch.randperm(n, generator=gen)[:max_samples].tolist())
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     was_training = model.training
     model.eval()
