@@ -288,12 +288,14 @@ class TemperatureScaling(Detector):
 
         lo, hi = self.LOG_T_BOUNDS
         res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
-        log_t = float(res.x)
-        if min(log_t - lo, hi - log_t) < 1e-3:
+        log_t, best = float(res.x), float(res.fun)
+        # A bound that does as well as the interior optimum means the NLL is still decreasing (or
+        # numerically flat) there: no finite temperature minimises it.
+        if nll(lo) <= best or nll(hi) <= best:
             warnings.warn(
-                f"temperature_scaling: the fitted temperature {math.exp(log_t):.4g} is at the end of the search "
-                "interval [1e-3, 1e3]: labels that the logits do not predict push T up, perfectly separated "
-                "training logits push it down; the scores may saturate",
+                f"temperature_scaling: the NLL has no interior minimum in T in [1e-3, 1e3] (fitted T = {math.exp(log_t):.4g}): "
+                "perfectly separated training logits push T to 0, labels that the logits do not predict push it up; "
+                "the scores may saturate",
                 RuntimeWarning,
                 stacklevel=3,
             )
