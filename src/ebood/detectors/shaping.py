@@ -94,7 +94,12 @@ class _Shaping(Detector):
         if outputs.head is not None:
             w = outputs.head.weight.to(self.head_weight_.device, self.head_weight_.dtype)
             b = outputs.head.bias.to(self.head_bias_.device, self.head_bias_.dtype)
-            if w.shape != self.head_weight_.shape or not (torch.equal(w, self.head_weight_) and torch.equal(b, self.head_bias_)):
+            if w.shape != self.head_weight_.shape:
+                raise ValueError(
+                    f"detector {self.name!r}: the outputs carry a head of shape {tuple(w.shape)}, "
+                    f"the detector was fitted with a head of shape {tuple(self.head_weight_.shape)}"
+                )
+            if not (torch.equal(w, self.head_weight_) and torch.equal(b, self.head_bias_)):
                 raise ValueError(f"detector {self.name!r}: the outputs carry a different head from the one it was fitted with")
         return Head(self.head_weight_, self.head_bias_)
 
