@@ -82,7 +82,9 @@ def _read_scores(path: Path, key: Optional[str]) -> np.ndarray:
         a = a.reshape(-1)
     if a.ndim != 1:
         fail(f"{path}: expected one score per sample (a 1-D array), got shape {a.shape}")
-    return a
+    from .._arrays import as_scores_1d
+
+    return as_scores_1d(a, f"{path}: the score array")  # names the file with NaN / empty scores
 
 
 @command("evaluate")
