@@ -280,3 +280,18 @@ def test_dice_streams_merges_and_refuses_mixed_heads():
         detectors.create("dice").partial_fit(parts[0]).partial_fit(other)
     with pytest.raises(ValueError, match="different heads"):
         detectors.create("dice").partial_fit(parts[0]).merge(detectors.create("dice").partial_fit(other))
+
+
+@pytest.mark.parametrize("variant", ["p", "b", "s"])
+def test_ash_ties_go_to_the_lower_index_whatever_the_batch(variant):
+    # Rounded post-ReLU features: many ties (zeros especially) at the pruning boundary.
+    rng = np.random.default_rng(13)
+    x = np.maximum(rng.normal(size=(40, 24)), 0).round()
+    x[:, 0] = 1.0  # no all-zero row
+    w = rng.normal(size=(5, 24))
+    out = ebood.Outputs(features=torch.tensor(x), head=ebood.Head(torch.tensor(w)))
+    det = detectors.create("ash", variant=variant, percentile=75)
+    got = det.score(out)
+    np.testing.assert_allclose(got.numpy(), ash_ref(x, w, np.zeros(5), 75, variant), rtol=1e-10)
+    one_by_one = torch.cat([det.score(out.select(slice(i, i + 1))) for i in range(len(out))])
+    torch.testing.assert_close(one_by_one, got, rtol=1e-12, atol=0)  # same masks (BLAS may round differently)

@@ -188,12 +188,18 @@ def _kept_count(dim: int, percentile: float) -> int:
 
 
 def _top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of each row; ties go to the lower index (stable sort),
-    so the result does not depend on the machine or the batch."""
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
-        mask.scatter_(1, order, True)
+    """Bool mask of the ``k`` largest entries of each row; among entries tied with the k-th largest
+    the lower indices win, so the result does not depend on the machine or the batch."""
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    kth = torch.topk(x, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    mask = x >= kth
+    crowded = torch.nonzero(mask.sum(dim=1) > k)[:, 0]  # rows with ties at the k-th value
+    if crowded.numel():
+        rows, t = x[crowded], kth[crowded]
+        tie = rows == t
+        room = k - (rows > t).sum(dim=1, keepdim=True)
+        mask[crowded] = (rows > t) | (tie & (tie.cumsum(dim=1) <= room))
     return mask
 
 
