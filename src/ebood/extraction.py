@@ -325,7 +325,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
 
 class LayerTap:
     """Forward hooks that keep, for the latest forward pass, the pooled outputs of named submodules
-    and the input of the model's head (the last ``nn.Linear`` called).
+    and, when ``layers`` includes :data:`PENULTIMATE`, the input of the model's head (the last
+    ``nn.Linear`` called, settled by :meth:`finish_batch` after the first pass).
 
     Use as a context manager: every hook is removed on exit, also after an exception. ``values``
     maps each layer name (and :data:`PENULTIMATE`) to an (N, D) tensor; ``head`` is the head module
@@ -333,12 +334,12 @@ class LayerTap:
     detectors that differentiate through features). ``enabled = False`` pauses recording.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, pool: Pool = "avg", detach: bool = True, want_head: bool = True) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, pool: Pool = "avg", detach: bool = True) -> None:
         if pool not in ("avg", "max", "flatten"):
             raise ExtractionError(f"pool must be 'avg', 'max' or 'flatten', got {pool!r}")
         self.model = model
         self.layers = [n for n in layers if n != PENULTIMATE]
-        self.want_head = want_head or PENULTIMATE in layers
+        self.want_head = PENULTIMATE in layers
         self.pool = pool
         self.detach = detach
         self.enabled = True

@@ -10,6 +10,8 @@ Conventions every detector follows (see CONVENTIONS.md):
   ``_accumulate(batch)`` (add float64 sums to ``*_`` attributes), ``_merge(other)`` and
   ``_finalize()`` (derive what scoring needs). ``fit``, ``partial_fit`` and ``merge`` are then
   provided here.
+* Detectors that need the model itself (ODIN, GradNorm, ...) have ``requires = ("model",)``;
+  they subclass ``detectors.model.ModelDetector`` and score with ``score_inputs(model, inputs)``.
 """
 
 from __future__ import annotations
