@@ -12,7 +12,7 @@ and 47.55% (CIFAR-100) after energy fine-tuning; 8.53% / 58.10% with Outlier Exp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = ["FinetunePreset", "PRESETS", "get_preset", "available_presets"]
@@ -20,7 +20,11 @@ __all__ = ["FinetunePreset", "PRESETS", "get_preset", "available_presets"]
 
 @dataclass(frozen=True)
 class FinetunePreset:
-    """A fine-tuning recipe: model, data and every hyperparameter of :func:`ebood.train.finetune`."""
+    """A fine-tuning recipe: model, data and every hyperparameter of :func:`ebood.train.finetune`.
+
+    ``model`` is a name for ``ebood.models.load_model`` (``wrn40_2``: depth 40, widen factor 2,
+    dropout 0.3), built with ``num_classes``; ``id_data`` a spec for ``ebood.data.open_dataset``.
+    """
 
     name: str
     description: str
@@ -37,7 +41,6 @@ class FinetunePreset:
     weight_decay: float = 5e-4
     id_batch_size: int = 128
     outlier_batch_size: int = 256
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def loss_params(self, loss: str) -> dict[str, float]:
         """The loss settings of the recipe for ``"energy"`` or ``"oe"``."""
@@ -59,14 +62,12 @@ PRESETS: dict[str, FinetunePreset] = {
         description="Liu et al. NeurIPS 2020: WRN-40-2 on CIFAR-10, energy margins -23 / -5",
         model="wrn40_2", num_classes=10, id_data="cifar10:train",
         energy={"m_in": -23.0, "m_out": -5.0, "weight": 0.1}, oe={"weight": 0.5},
-        model_kwargs={"depth": 40, "widen_factor": 2, "dropout": 0.3},
     ),
     "cifar100": FinetunePreset(
         name="cifar100",
         description="Liu et al. NeurIPS 2020: WRN-40-2 on CIFAR-100, energy margins -27 / -5",
         model="wrn40_2", num_classes=100, id_data="cifar100:train",
         energy={"m_in": -27.0, "m_out": -5.0, "weight": 0.1}, oe={"weight": 0.5},
-        model_kwargs={"depth": 40, "widen_factor": 2, "dropout": 0.3},
     ),
 }
 
