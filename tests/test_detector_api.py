@@ -225,6 +225,14 @@ def test_unknown_hyperparameter_lists_the_known_ones(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_fit_on_no_samples_is_an_error(name):
+    with pytest.raises(ValueError, match="no data|empty"):
+        make(name).fit(TRAIN.select(slice(0, 0)))
+    with pytest.raises(ValueError, match="no data"):
+        make(name).fit(iter([]))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_missing_field_is_named(name, fitted):
     cls = detectors.get(name)
     for field in cls.requires:

@@ -146,9 +146,9 @@ class Detector:
             for batch in batches:
                 self._check_fields(batch, self.requires + self.fit_requires, "fit")
                 self._accumulate(batch)
-                seen = True
+                seen = seen or len(batch) > 0
             if not seen:
-                raise ValueError(f"detector {self.name!r}: fit received no data")
+                raise ValueError(f"detector {self.name!r}: fit received no data (no batches, or only empty ones)")
             self._finish_fit()
             return self
         parts = list(batches)

@@ -210,6 +210,8 @@ class KLMatching(Detector):
 
     def _finalize(self) -> None:
         present = self.class_counts_ > 0
+        if not bool(present.any()):
+            raise ValueError("kl_matching: no training samples were seen")
         if not bool(present.all()):
             missing = torch.nonzero(~present)[:, 0].tolist()
             warnings.warn(
