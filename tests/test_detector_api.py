@@ -372,3 +372,13 @@ def test_cli_fit_reads_parquet_with_a_separate_head(tmp_path):
     assert res.exit_code == 0, res.output
     expected = detectors.create("dice", percentile=80).fit(TRAIN).score(TEST)
     assert torch.equal(ebood.load(det_file).score(TEST), expected)
+
+
+def test_cli_fit_prints_warnings_as_one_line(tmp_path):
+    z = TRAIN.logits.numpy().copy()
+    z[:, 2] -= 100.0  # class 2 is never predicted: kl_matching warns
+    np.savez(tmp_path / "z.npz", logits=z)
+    res = RUNNER.invoke(app, ["fit", "kl_matching", str(tmp_path / "z.npz"), "-o", str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 0, res.output
+    warning_lines = [line for line in res.output.splitlines() if "warning" in line]
+    assert warning_lines == ["ebood: warning: kl_matching: no training sample is predicted as class(es) [2]; they get no template"]

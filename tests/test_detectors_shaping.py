@@ -295,3 +295,15 @@ def test_ash_ties_go_to_the_lower_index_whatever_the_batch(variant):
     np.testing.assert_allclose(got.numpy(), ash_ref(x, w, np.zeros(5), 75, variant), rtol=1e-10)
     one_by_one = torch.cat([det.score(out.select(slice(i, i + 1))) for i in range(len(out))])
     torch.testing.assert_close(one_by_one, got, rtol=1e-12, atol=0)  # same masks (BLAS may round differently)
+
+
+@pytest.mark.parametrize("name", ["react", "ash", "scale", "dice"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_score_in_float32(name, dtype):
+    out64, *_ = make_data(14, n=80)
+    half = ebood.Outputs(features=out64.features.to(dtype), head=ebood.Head(out64.head.weight.to(dtype), out64.head.bias.to(dtype)))
+    # the reference: the same (rounded) half-precision values, in float64
+    exact = ebood.Outputs(features=half.features.double(), head=ebood.Head(half.head.weight.double(), half.head.bias.double()))
+    got = detectors.create(name).fit(half).score(half)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), detectors.create(name).fit(exact).score(exact).numpy(), rtol=2e-5)

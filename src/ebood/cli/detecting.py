@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -82,13 +83,17 @@ def fit_command(
 
     det = create(detector, **parse_params(param or []))
     try:
-        det.fit(read_outputs_with_head(train_file, head))
-        if calibrate is not None:
-            det.calibrate(read_outputs_with_head(calibrate, head), tpr=tpr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det.fit(read_outputs_with_head(train_file, head))
+            if calibrate is not None:
+                det.calibrate(read_outputs_with_head(calibrate, head), tpr=tpr)
+            det.save(output)
     except MissingFieldError as exc:
         hint = " (give the head with --head FILE)" if "Outputs.head" in str(exc) and head is None else ""
         fail(f"{exc}{hint}")
-    det.save(output)
+    for w in caught:  # one line each, like the errors
+        typer.echo(f"ebood: warning: {str(w.message).splitlines()[0]}", err=True)
     note = "" if det.threshold_ is None else f" (threshold {det.threshold_:.6g} keeps {100 * tpr:g}% of ID)"
     typer.echo(f"wrote {det!r}{note} to {output}")
 
