@@ -71,6 +71,7 @@ __all__ = [
     "select_output",
     "resolve_device",
     "eval_mode",
+    "on_device",
     "model_fingerprint",
     "data_identity",
 ]
@@ -229,7 +230,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move the model to ``device`` for the duration of the block (and back afterwards)."""
     before = _weights_device(model)
     moved = before is not None and before != device
     if moved:
@@ -787,7 +789,7 @@ def extract(
 
 def _visit(model: nn.Module, loader: Iterable[Any], dev: torch.device, on_batch: Callable[..., None], total: int | None, progress: bool) -> None:
     """Read the data for ``on_batch`` only (the extraction outputs came from the cache)."""
-    with _on_device(model, dev), eval_mode(model), _progress(progress, total, "scoring") as bar:
+    with on_device(model, dev), eval_mode(model), _progress(progress, total, "scoring") as bar:
         for batch in loader:
             x, y = split_batch(batch)
             on_batch(x.to(dev, non_blocking=True), y)
@@ -800,7 +802,7 @@ def _run(model: nn.Module, loader: Iterable[Any], layer_list: list[str], *, expl
     collected = _Collected(layer_list, result_device)
     autocast = (lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     first = True
-    with _on_device(model, dev), eval_mode(model), LayerTap(model, layer_list, pool=pool) as tap, _progress(progress, total, "extracting") as bar:
+    with on_device(model, dev), eval_mode(model), LayerTap(model, layer_list, pool=pool) as tap, _progress(progress, total, "extracting") as bar:
         for batch in loader:
             x, y = split_batch(batch)
             x = x.to(dev, non_blocking=True)

@@ -435,10 +435,16 @@ class MahalanobisEnsemble(ModelDetector):
         return outputs.features
 
     def fit_validation(self, model: nn.Module, id_val: Any, ood_val: Any, *, batch_size: int | None = None, output: Any = None) -> "MahalanobisEnsemble":
-        """Fit the layer weights: logistic regression of OOD (1) vs ID (0) on the per-layer scores."""
+        """Fit the layer weights: logistic regression of OOD (1) vs ID (0) on the per-layer scores.
+
+        ``ood_val`` is a dataset, or a list / dict of datasets (pooled).
+        """
         self._check_fitted()
         m_id = self.layer_scores_data(model, id_val, batch_size=batch_size, output=output)
-        m_ood = self.layer_scores_data(model, ood_val, batch_size=batch_size, output=output)
+        sets = list(ood_val.values()) if isinstance(ood_val, dict) else list(ood_val) if isinstance(ood_val, list) else [ood_val]
+        if not sets:
+            raise ValueError(f"{self.name}: no OOD validation set given")
+        m_ood = torch.cat([self.layer_scores_data(model, d, batch_size=batch_size, output=output) for d in sets])
         return self.fit_weights(m_id, m_ood)
 
     def fit_weights(self, id_layer_scores: torch.Tensor, ood_layer_scores: torch.Tensor) -> "MahalanobisEnsemble":
