@@ -13,15 +13,15 @@ outputs carry the head.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .. import scores
 from .._arrays import accumulation_dtype
 from ..outputs import Head, Outputs
 from .base import Detector, MissingFieldError, register
+from .logit import _check_finite, _row_chunks
 
 __all__ = ["ReAct", "ASH", "Scale", "DICE"]
 
@@ -37,26 +37,11 @@ def _check_percentile(detector: str, percentile: Any, upper_open: bool = False) 
     return p
 
 
-def _row_chunks(n: int, width: int, dtype: torch.dtype) -> Iterator[slice]:
-    itemsize = torch.finfo(dtype).bits // 8
-    rows = max(1, scores.CHUNK_BYTES // max(1, 4 * width * itemsize))
-    for start in range(0, n, rows):
-        yield slice(start, min(n, start + rows))
-
-
-def _check_finite(x: torch.Tensor, what: str, detector: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        rows = bad.any(dim=1)
-        first = int(torch.nonzero(rows)[0, 0])
-        raise ValueError(f"detector {detector!r}: {what} has non-finite values (NaN or inf) in {int(rows.sum())} sample(s), first at index {first}")
-
-
 def _energy(logits: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logits, dim=1)
 
 
-def linear_percentile(values: torch.Tensor, percentile: float) -> float:
+def _linear_percentile(values: torch.Tensor, percentile: float) -> float:
     """``numpy.percentile(values, percentile)`` (linear interpolation) of all entries, without a
     float64 copy of ``values``: a partial sort finds the two neighbours, float64 interpolates."""
     a = values.detach().reshape(-1).to("cpu")
@@ -168,7 +153,7 @@ class ReAct(_Shaping):
         x = outputs.feature()
         _check_finite(x, "features", self.name)
         self._keep_head(outputs.head)
-        self.clip_ = linear_percentile(x, float(self.percentile))
+        self.clip_ = _linear_percentile(x, float(self.percentile))
 
     def _validate_state(self) -> None:
         super()._validate_state()
