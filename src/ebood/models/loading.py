@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -101,7 +102,10 @@ def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def _load_torchscript(path: Path) -> nn.Module:
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # recent torch deprecates TorchScript in favour of torch.export; the files stay readable
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(
             f"{path}: not a TorchScript file (torch.jit.load failed: {str(exc).strip().splitlines()[0]}). "
