@@ -1,0 +1,276 @@
+"""Linear-algebra kernels shared by the feature-based detectors (``detectors/feature.py``).
+
+* Streaming class-conditional moments (counts, means, within-class scatter) in float64, combined
+  batch by batch and across workers with the pairwise update of Chan, Golub & LeVeque (1979), so
+  that a merge of partial fits equals one fit on all data and no raw second moment (which cancels)
+  is ever formed.
+* The inverse square root of a covariance (a pseudo-inverse with scipy's ``pinvh`` rank rule when
+  it is singular), and the nearest class-conditional Gaussian found with one matrix product and
+  recomputed without cancellation.
+* Exact k-nearest-neighbour search on L2-normalised features: chunked matrix products with
+  ``torch.topk`` on the similarity, the k-th distance recomputed from the difference vectors.
+* A mergeable uniform sample of rows (bottom-k sketch over a hash of the row), for statistics that
+  need the data again after the fit (ViM's alpha).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator
+
+import torch
+
+from ..scores import CHUNK_BYTES
+
+__all__ = [
+    "row_slices",
+    "check_finite",
+    "check_labels",
+    "ClassMoments",
+    "class_moments",
+    "merge_moments",
+    "total_moments",
+    "inverse_sqrt",
+    "nearest_whitened",
+    "normalise_rows",
+    "kth_neighbour_distance",
+    "top_k_similarity_mean",
+    "row_keys",
+    "bottom_k_rows",
+]
+
+#: Budget of one chunk of a similarity matrix (queries x bank) in the neighbour searches: larger
+#: than the general chunk budget, because a matrix product with few rows is slow.
+SEARCH_CHUNK_BYTES = 256 * 2**20
+
+
+# ----- small checks ------------------------------------------------------------------------------
+
+
+def row_slices(n: int, bytes_per_row: int, budget: int = CHUNK_BYTES) -> Iterator[slice]:
+    """Consecutive row slices whose temporaries (``bytes_per_row`` each) stay within ``budget``."""
+    rows = max(1, budget // max(1, bytes_per_row))
+    for start in range(0, n, rows):
+        yield slice(start, min(n, start + rows))
+
+
+def check_finite(x: torch.Tensor, what: str, detector: str) -> None:
+    """A ValueError naming the rows when ``x`` holds NaN or inf."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = bad.reshape(bad.shape[0], -1).any(dim=1) if x.ndim > 1 else bad
+        first = int(torch.nonzero(rows)[0, 0])
+        raise ValueError(
+            f"detector {detector!r}: {what} has non-finite values (NaN or inf) in {int(rows.sum())} sample(s), first at index {first}"
+        )
+
+
+def check_labels(labels: torch.Tensor, num_classes: int | None, detector: str) -> None:
+    """Labels must be class indices ``0..num_classes-1`` (``>= 0`` when the count is unknown)."""
+    if labels.numel() == 0:
+        return
+    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        values = torch.unique(labels[bad]).tolist()
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        allowed = "class indices >= 0" if num_classes is None else f"class indices in 0..{num_classes - 1} ({num_classes} classes)"
+        raise ValueError(f"detector {detector!r}: labels must be {allowed}; got label(s) {shown} in {int(bad.sum())} sample(s)")
+
+
+# ----- streaming class-conditional moments -------------------------------------------------------
+
+ClassMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(counts (C,), means (C, D), within-class scatter (D, D))``, all float64."""
+
+
+def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, device: torch.device | None = None) -> ClassMoments:
+    """Counts, class means and within-class scatter ``sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` of
+    one batch, in float64. The scatter is formed from rows centred by their class mean (no
+    cancellation), over chunks of rows (bounded temporaries)."""
+    device = x.device if device is None else device
+    labels = labels.to(x.device)
+    d = x.shape[1]
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
+    chunks = list(row_slices(x.shape[0], 3 * d * 8))
+    for rows in chunks:
+        sums.index_add_(0, labels[rows], x[rows].to(torch.float64))
+    means = sums / counts.clamp_min(1.0)[:, None]
+    scatter = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for rows in chunks:
+        centred = x[rows].to(torch.float64) - means[labels[rows]]
+        scatter.addmm_(centred.T, centred)
+    return counts.to(device), means.to(device), scatter.to(device)
+
+
+def merge_moments(a: ClassMoments, b: ClassMoments) -> ClassMoments:
+    """Moments of the union of two sets (Chan et al.'s pairwise update, per class)."""
+    na, ma, sa = a
+    nb, mb, sb = b
+    n = na + nb
+    wb = torch.where(n > 0, nb / n.clamp_min(1.0), torch.zeros_like(n))
+    delta = mb - ma
+    means = ma + wb[:, None] * delta
+    # sum_c (na nb / n) delta_c delta_c^T over the classes present on both sides, as one product
+    both = torch.nonzero((na > 0) & (nb > 0))[:, 0]
+    scatter = sa + sb
+    if both.numel():
+        d = delta[both]
+        w = (na[both] * nb[both] / n[both])[:, None]
+        scatter = scatter.addmm(d.T, d * w)
+    return n, means, scatter
+
+
+def pad_classes(m: ClassMoments, num_classes: int) -> ClassMoments:
+    """The same moments over ``num_classes >= C`` classes (the new ones empty)."""
+    counts, means, scatter = m
+    extra = num_classes - counts.shape[0]
+    if extra <= 0:
+        return m
+    counts = torch.cat([counts, counts.new_zeros(extra)])
+    means = torch.cat([means, means.new_zeros(extra, means.shape[1])])
+    return counts, means, scatter
+
+
+def total_moments(m: ClassMoments) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``(N, mean, total scatter)`` of all samples: within-class plus between-class scatter."""
+    counts, means, scatter = m
+    n = float(counts.sum())
+    mean = (counts[:, None] * means).sum(dim=0) / n
+    d = means - mean
+    return n, mean, scatter + (d * counts[:, None]).T @ d
+
+
+# ----- covariance -------------------------------------------------------------------------------
+
+
+def inverse_sqrt(cov: torch.Tensor, detector: str, what: str = "covariance") -> torch.Tensor:
+    """``W`` (D, r) with ``W W^T = pinv(cov)``: ``W = V_r diag(lambda_r^-1/2)`` over the eigenvalues
+    above ``D * eps * lambda_max`` (scipy ``pinvh``'s rank rule, as sklearn's EmpiricalCovariance).
+
+    A rank below D (fewer samples than dimensions, constant or collinear features) is warned about:
+    the pseudo-inverse measures distances only inside the span of the data."""
+    cov = (cov + cov.T) / 2
+    vals, vecs = torch.linalg.eigh(cov)
+    top = float(vals.max()) if vals.numel() else 0.0
+    if not math.isfinite(top):
+        raise ValueError(f"detector {detector!r}: the {what} has non-finite entries")
+    if top <= 0:
+        raise ValueError(f"detector {detector!r}: the {what} is zero (all training features are identical)")
+    keep = vals > cov.shape[0] * torch.finfo(cov.dtype).eps * top
+    rank = int(keep.sum())
+    if rank < cov.shape[0]:
+        warnings.warn(
+            f"{detector}: the {what} is singular (rank {rank} of {cov.shape[0]}: fewer samples than dimensions, "
+            "or constant / collinear features); using its pseudo-inverse, which ignores the directions without variance",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return vecs[:, keep] / torch.sqrt(vals[keep])
+
+
+def nearest_whitened(y: torch.Tensor, class_centres: torch.Tensor, candidates: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min_c ||y - m_c||^2`` and its argmin, for whitened rows ``y`` (n, r) and whitened class
+    means ``m_c`` (K, r).
+
+    The expanded form ``||m_c||^2 - 2 y.m_c`` (one matrix product with K columns) ranks the
+    classes; it cancels when ``||y||`` and ``||m_c||`` are large against their distance, so the
+    ``candidates`` best classes are recomputed as ``||y - m_c||^2`` and the least is kept.
+    """
+    if class_centres.shape[0] == 1:
+        return (y - class_centres[0]).square().sum(dim=1), torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+    k = min(candidates, class_centres.shape[0])
+    centre_sq = class_centres.square().sum(dim=1)
+    approx = torch.addmm(centre_sq, y, class_centres.T, alpha=-2.0)
+    cand = torch.topk(approx, k, dim=1, largest=False, sorted=False).indices
+    exact = (y[:, None, :] - class_centres[cand]).square().sum(dim=2)
+    best, at = exact.min(dim=1)
+    return best, cand.gather(1, at[:, None])[:, 0]
+
+
+# ----- neighbour search -------------------------------------------------------------------------
+
+
+def normalise_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||`` per row (an all-zero row stays zero)."""
+    return torch.nn.functional.normalize(x, dim=1, eps=torch.finfo(x.dtype).tiny ** 0.5)
+
+
+def _similarity_chunks(queries: torch.Tensor, bank: torch.Tensor, k: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(rows, top-k similarities, their bank indices)`` for chunks of queries."""
+    bank_t = bank.T
+    for rows in row_slices(queries.shape[0], bank.shape[0] * queries.element_size(), SEARCH_CHUNK_BYTES):
+        sim = queries[rows] @ bank_t
+        values, index = torch.topk(sim, k, dim=1, sorted=False)
+        yield rows, values, index
+
+
+def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, margin: int = 8) -> torch.Tensor:
+    """Euclidean distance from each (normalised) query to its k-th nearest row of ``bank``.
+
+    On unit vectors ``||a - b||^2 = 2 - 2 a.b``, so the nearest rows are those of largest inner
+    product: one chunked matrix product and ``torch.topk``. ``2 - 2 a.b`` cancels for close
+    neighbours, so the ``k + margin`` best candidates get their distance recomputed from the
+    difference vectors (a few extra rows absorb the rounding of the similarities near the k-th).
+    """
+    kk = min(bank.shape[0], k + margin)
+    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
+    for rows, _, index in _similarity_chunks(queries, bank, kk):
+        out[rows] = _exact_kth(queries[rows], bank, index, k)
+    return out
+
+
+def _exact_kth(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    dist = torch.empty(index.shape, dtype=queries.dtype, device=queries.device)
+    # bounded temporaries: (rows, candidates, D) at a time
+    per_row = index.shape[1] * bank.shape[1] * queries.element_size()
+    for sub in row_slices(queries.shape[0], per_row):
+        diff = queries[sub, None, :] - bank[index[sub]]
+        dist[sub] = torch.linalg.vector_norm(diff, dim=2)
+    return torch.kthvalue(dist, k, dim=1).values
+
+
+def exact_kth_from_candidates(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest exact distance among candidate bank rows ``index`` (n, m >= k)."""
+    return _exact_kth(queries, bank, index, k)
+
+
+def top_k_similarity_mean(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` largest inner products of each query with the rows of ``bank``."""
+    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
+    for rows, values, _ in _similarity_chunks(queries, bank, k):
+        out[rows] = values.to(torch.float64).mean(dim=1).to(out.dtype)
+    return out
+
+
+# ----- a mergeable uniform sample of rows -------------------------------------------------------
+
+_HASH_SEED = 0x5EED_EB00D
+
+
+def _hash_weights(dim: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_HASH_SEED)
+    w = torch.randint(-(2**62), 2**62, (dim,), generator=g, dtype=torch.int64) | 1
+    return w.to(device)
+
+
+def row_keys(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of each row's float32 bit pattern: the same row always gets the same key.
+
+    Integer arithmetic wraps modulo 2**64, so the key does not depend on the summation order."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    h = (bits * _hash_weights(x.shape[1], x.device)).sum(dim=1)
+    # finaliser of splitmix64 (arithmetic shifts; still a fixed function of the row)
+    h = h ^ (h >> 31)
+    h = h * -7723592293110705685
+    h = h ^ (h >> 29)
+    h = h * -4658895280553007687
+    return h ^ (h >> 32)
+
+
+def bottom_k_rows(rows: torch.Tensor, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` rows of smallest key, sorted by key: a uniform sample without replacement that
+    is the same whichever way the data were split into batches or partial fits."""
+    order = torch.argsort(keys, stable=True)[:size]
+    return rows[order], keys[order]
