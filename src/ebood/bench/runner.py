@@ -1,0 +1,155 @@
+"""The benchmark runner: one pass per dataset, every detector fitted and scored, metrics as rows.
+
+:func:`evaluate_model` is the step every benchmark repeats for each model (pre-trained,
+energy-fine-tuned, OE-fine-tuned, ...): it calls :func:`ebood.evaluate_detectors` (the model runs
+once per dataset, whatever the number of detectors), selects grid hyperparameters on validation OOD
+sets that are disjoint from the test sets, averages metrics over OOD subsamples when the protocol asks
+for repeats, and appends flat rows to a :class:`~ebood.bench.results.BenchResult`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import metrics as _metrics
+from ..detectors import available, get
+from ..evaluation import evaluate_detectors
+from .config import DetectorSpec
+from .results import BenchResult
+
+__all__ = ["OODSet", "evaluate_model", "default_detectors", "candidate_label", "subsampled_metrics"]
+
+VALIDATION_PREFIX = "val:"
+
+
+@dataclass(frozen=True)
+class OODSet:
+    """An OOD test set of a benchmark: its data, its group (near / far / covariate) and a description."""
+
+    data: Any
+    group: str
+    description: str = ""
+
+
+def default_detectors(*, model_level: bool = True) -> list[DetectorSpec]:
+    """Every registered detector with its default hyperparameters (model-level ones optional)."""
+    specs = []
+    for name in available():
+        if not model_level and "model" in get(name).requires:
+            continue
+        specs.append(DetectorSpec(name=name))
+    return specs
+
+
+def candidate_label(spec: DetectorSpec, params: Mapping[str, Any]) -> str:
+    """The label of one grid candidate, e.g. ``react[percentile=85]`` (the name when no grid)."""
+    if not spec.grid:
+        return spec.name
+    return spec.name + "[" + ",".join(f"{k}={params[k]}" for k in spec.grid) + "]"
+
+
+def subsampled_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor, *, samples: int | None, repeats: int,
+                       seed: int, tpr: float = 0.95, positive: str = "id") -> dict[str, float]:
+    """Metrics averaged over ``repeats`` random subsets of ``samples`` OOD scores (all when None).
+
+    The energy paper's protocol: 2,000 OOD samples per set, metrics averaged over repeats.
+    """
+    ood = ood_scores.double().numpy()
+    if samples is None or samples >= ood.size:
+        return _metrics.evaluate(id_scores, ood, tpr=tpr, positive=positive)
+    rng = np.random.default_rng(seed)
+    runs = [_metrics.evaluate(id_scores, ood[rng.choice(ood.size, samples, replace=False)], tpr=tpr, positive=positive)
+            for _ in range(repeats)]
+    return {k: float(np.mean([r[k] for r in runs])) for k in _metrics.METRIC_NAMES}
+
+
+def _select(spec: DetectorSpec, scores: Mapping[str, Mapping[str, torch.Tensor]], val_sets: Sequence[str],
+            tpr: float, positive: str) -> dict[str, Any]:
+    """The grid candidate with the lowest mean FPR on the validation OOD sets (ties: higher AUROC)."""
+    best: tuple[float, float] | None = None
+    chosen = spec.candidates()[0]
+    for params in spec.candidates():
+        per_set = scores[candidate_label(spec, params)]
+        ms = [_metrics.evaluate(per_set["id_test"], per_set[v], tpr=tpr, positive=positive) for v in val_sets]
+        key = (float(np.mean([m["fpr95"] for m in ms])), -float(np.mean([m["auroc"] for m in ms])))
+        if best is None or key < best:
+            best, chosen = key, params
+    return chosen
+
+
+def _finite(name: str, set_name: str, s: torch.Tensor) -> bool:
+    if bool(torch.isfinite(s).all()):
+        return True
+    warnings.warn(f"detector {name!r} gave {int((~torch.isfinite(s)).sum())} non-finite scores on {set_name!r}; its row is left out",
+                  RuntimeWarning, stacklevel=3)
+    return False
+
+
+def evaluate_model(
+    result: BenchResult,
+    model_name: str,
+    model: nn.Module,
+    *,
+    id_train: Any,
+    id_test: Any,
+    ood_sets: Mapping[str, OODSet],
+    detectors: Sequence[DetectorSpec],
+    id_val: Any = None,
+    ood_validation: Mapping[str, Any] | None = None,
+    ood_samples: int | None = None,
+    repeats: int = 1,
+    seed: int = 0,
+    cache: Any = None,
+    device: Any = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    description: str = "",
+) -> None:
+    """Evaluate ``detectors`` on ``model`` and append the rows and raw scores to ``result``."""
+    ood_validation = dict(ood_validation or {})
+    has_grid = any(len(d.candidates()) > 1 for d in detectors)
+    if has_grid and not ood_validation:
+        raise ValueError("a detector has a hyperparameter grid, but the benchmark gives no validation OOD sets "
+                         "([data.ood_validation]) to select on; test sets are never used for selection")
+    instances: list[tuple[str, dict[str, Any]]] = []
+    for spec in detectors:
+        for params in spec.candidates():
+            instances.append((candidate_label(spec, params), {"name": spec.name, **params}))
+    all_sets = {name: s.data for name, s in ood_sets.items()}
+    all_sets.update({VALIDATION_PREFIX + name: data for name, data in ood_validation.items()} if has_grid else {})
+    model_val = None
+    if id_val is not None and ood_validation:
+        model_val = list(ood_validation.values())
+    evaluation = evaluate_detectors(
+        model, id_train, id_test, all_sets, [spec for _, spec in instances],
+        id_val=id_val if model_val is not None else None, ood_val=model_val,
+        cache=cache, device=device, batch_size=batch_size, progress=progress, positive=result.positive,
+        keep_outputs=False,
+    )
+    result.add_timings(evaluation.timings)
+    labels = list(evaluation.scores)
+    scores = dict(zip([label for label, _ in instances], (evaluation.scores[k] for k in labels)))
+    result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description}
+    val_names = [VALIDATION_PREFIX + v for v in ood_validation] if has_grid else []
+    for spec in detectors:
+        params = _select(spec, scores, val_names, evaluation.tpr, result.positive) if len(spec.candidates()) > 1 else spec.candidates()[0]
+        if spec.grid:
+            result.selected[f"{model_name}/{spec.name}"] = {k: params[k] for k in spec.grid}
+        per_set = scores[candidate_label(spec, params)]
+        result.scores[f"{model_name}/{spec.name}/id_test"] = per_set["id_test"]
+        if not _finite(spec.name, "id_test", per_set["id_test"]):
+            continue
+        for set_name, ood in ood_sets.items():
+            s = per_set[set_name]
+            result.scores[f"{model_name}/{spec.name}/{set_name}"] = s
+            if not _finite(spec.name, set_name, s):
+                continue
+            m = subsampled_metrics(per_set["id_test"], s, samples=ood_samples, repeats=repeats, seed=seed,
+                                   tpr=evaluation.tpr, positive=result.positive)
+            result.rows.append({"model": model_name, "detector": spec.name, "ood_set": set_name, "group": ood.group, **m})
