@@ -191,3 +191,12 @@ def test_errors_are_named(setup):
         ebood.evaluate_detectors(*args, data["oods"], ["msp", "msp"], progress=False)
     with pytest.raises(ValueError, match="far: data is empty"):
         ebood.evaluate_detectors(*args, {"far": make_set(0, 1)}, ["msp"], progress=False)
+
+
+def test_ensemble_uses_only_its_layers_when_more_are_extracted(setup):
+    model, data = setup
+    model.ood_layers = ("conv",)
+    res = ebood.evaluate_detectors(model, data["train"], data["test"], data["oods"], [{"name": "mahalanobis_ensemble", "epsilon": 0.0}],
+                                   layers=["fc1"], progress=False)
+    assert list(res.outputs["id_train"].features) == ["fc1", "conv", "penultimate"]
+    assert res.detectors["mahalanobis_ensemble"].layers_ == ["conv"]

@@ -455,3 +455,50 @@ def test_on_batch_sees_every_batch_once_in_order(tmp_path):
     assert m.calls == calls and torch.equal(torch.cat(seen), x)  # from cache: data read, model not run
     assert ds.reads - reads == len(x) + 2 * 5  # one read per item, plus the fingerprint's edge batches
     assert np.isfinite(torch.cat(seen).numpy()).all()
+
+
+# ----- the `ebood extract` command ---------------------------------------------------------------
+
+
+def test_cli_extract_writes_outputs_that_read_back(tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from ebood.cli import app, load_commands
+    from ebood.models import DigitsCNN
+
+    load_commands()
+    torch.manual_seed(3)
+    model = DigitsCNN().eval()
+    weights = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(weights))
+    x = np.random.default_rng(0).random((21, 1, 8, 8)).astype(np.float32)
+    y = np.arange(21) % 10
+    data = tmp_path / "data.npz"
+    np.savez(data, inputs=x, labels=y)
+    runner = CliRunner()
+    out = tmp_path / "out.safetensors"
+    res = runner.invoke(app, ["extract", "--model", "digits_cnn", "--checkpoint", str(weights), "--data", str(data),
+                              "--layers", "fc1,conv1", "--batch-size", "8", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    back = ebood.io.read_outputs(out)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    assert torch.allclose(back.logits, ref, atol=1e-5) and torch.equal(back.labels, torch.from_numpy(y))
+    assert list(back.features)[-1] == PENULTIMATE and set(back.features) == {"fc1", "conv1", PENULTIMATE}
+    assert torch.allclose(back.features["conv1"], model.conv1(torch.from_numpy(x)).mean(dim=(2, 3)).detach(), atol=1e-5)
+    assert torch.allclose(back.head(back.feature()), ref, atol=1e-5)
+    npy = tmp_path / "inputs.npy"
+    np.save(npy, x)
+    res = runner.invoke(app, ["extract", "-m", "digits_cnn", "-c", str(weights), "-d", str(npy), "-o", str(tmp_path / "o.npz")])
+    assert res.exit_code == 0, res.output
+    plain = ebood.io.read_outputs(tmp_path / "o.npz")
+    assert plain.labels is None and torch.allclose(plain.features, back.features[PENULTIMATE], atol=1e-6)
+    for args, message in [
+        (["-m", "digits_cnn", "-d", str(data), "-l", "conv9", "-o", str(out)], "no submodule 'conv9'"),
+        (["-m", "digit_cnn", "-d", str(data), "-o", str(out)], "unknown model 'digit_cnn'"),
+        (["-m", "digits_cnn", "-d", str(data), "-o", str(tmp_path / "o.csv")], "several named arrays"),
+        (["-m", "digits_cnn", "-d", str(tmp_path / "missing.npz"), "-o", str(out)], "missing.npz"),
+    ]:
+        res = runner.invoke(app, ["extract", *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output

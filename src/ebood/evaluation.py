@@ -265,8 +265,9 @@ def _fit_all(model: nn.Module, train: Outputs, id_train: Any, id_val: Any, ood_v
     for det in model_level.values():
         if not det.needs_fit:
             continue
-        if det.fit_layers(model) is not None:  # type: ignore[attr-defined]
-            det.fit_outputs(train)  # type: ignore[attr-defined]
+        wanted = det.fit_layers(model)  # type: ignore[attr-defined]
+        if wanted is not None:
+            det.fit_outputs(train, layers=wanted)  # type: ignore[attr-defined]
         else:
             det.fit_inputs(model, id_train, batch_size=batch_size, output=output)  # type: ignore[attr-defined]
         if id_val is not None and ood_val is not None and hasattr(det, "fit_validation"):

@@ -705,8 +705,10 @@ class _Collected:
 def _check_head(tap: LayerTap, logits: torch.Tensor, explicit: bool) -> None:
     """After the first batch: is the last Linear really the classifier head?"""
     if tap.head is None or tap.head_output is None:
-        if explicit and tap.want_head and not isinstance(tap.model, torch.jit.ScriptModule):
-            raise ExtractionError(f"layer {PENULTIMATE!r}: the model calls no nn.Linear whose (N, D) input could be the penultimate layer")
+        if explicit:
+            why = ("a TorchScript model runs as compiled code, so its layers cannot be read"
+                   if isinstance(tap.model, torch.jit.ScriptModule) else "the model calls no nn.Linear whose (N, D) input could be the penultimate layer")
+            raise ExtractionError(f"layer {PENULTIMATE!r}: {why}")
         return
     out = tap.head_output
     if out.ndim != 2 or out.shape != logits.shape:

@@ -162,6 +162,8 @@ def read_outputs(path: str | Path) -> "Outputs":
         arrays = {"logits": arrays["array"]}
     known = {"logits", "features", "labels", "head_weight", "head_bias"}
     layers = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("features/")}
+    if "penultimate" in layers:  # the head's input must be the last layer; safetensors stores names sorted
+        layers["penultimate"] = layers.pop("penultimate")
     unknown = [k for k in arrays if k not in known and not k.startswith("features/")]
     if unknown:
         raise ArrayFileError(

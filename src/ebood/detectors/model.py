@@ -152,7 +152,8 @@ class ModelDetector(Detector):
         """Layers whose ID-training features :meth:`fit_outputs` learns from (``None``: it does not)."""
         return None
 
-    def fit_outputs(self, outputs: Outputs) -> "ModelDetector":
+    def fit_outputs(self, outputs: Outputs, layers: Sequence[str] | None = None) -> "ModelDetector":
+        """Fit from extracted ID-training outputs holding (at least) the features of ``layers``."""
         raise TypeError(f"detector {self.name!r} does not fit from extracted outputs")
 
     def _score_inputs(self, model: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor:
@@ -388,16 +389,17 @@ class MahalanobisEnsemble(ModelDetector):
             raise ValueError(f"detector {self.name!r}: fit received no data")
         return self.fit_outputs(parts[0] if len(parts) == 1 else Outputs.concat(parts))
 
-    def fit_outputs(self, outputs: Outputs) -> "MahalanobisEnsemble":
+    def fit_outputs(self, outputs: Outputs, layers: Sequence[str] | None = None) -> "MahalanobisEnsemble":
         """Class means and tied covariance of each layer from ID training outputs, as returned by
-        ``ebood.extract(model, data, layers=det.fit_layers(model))``."""
+        ``ebood.extract(model, data, layers=det.fit_layers(model))``. The layers used are
+        ``layers``, else the ``layers`` hyperparameter, else every layer in the outputs."""
         if not isinstance(outputs, Outputs):
             raise TypeError(f"{self.name}.fit_outputs expects ebood.Outputs, got {type(outputs).__name__}")
         if outputs.labels is None:
             raise ValueError(f"{self.name}: fitting needs class labels of the ID training data; the outputs have none")
         if outputs.features is None:
             raise ValueError(f"{self.name}: the outputs have no features")
-        names = self.layers
+        names = list(layers) if layers is not None else self.layers
         if names is None:
             names = list(outputs.features) if isinstance(outputs.features, dict) else [PENULTIMATE]
         labels = outputs.labels
