@@ -1,0 +1,262 @@
+"""Rendering things into the UCI handwritten-digits format (the 8x8 images of ``sklearn.datasets.load_digits``).
+
+The UCI "Optical Recognition of Handwritten Digits" preprocessing (Alpaydin & Kaynak, 1998; NIST
+tools of Garris et al., 1997): a size-normalised, centred 32x32 *binary* bitmap is divided into
+non-overlapping 4x4 blocks and the "on" pixels of each block are counted, giving an 8x8 image of
+integers 0..16. Everything here ends with exactly that step (``block_counts``), so rendered letters,
+photo patches and scribbles live on the same grid as the digits.
+
+We draw on a 64x64 canvas (twice the bitmap resolution), average 2x2 and threshold at one half to get
+the 32x32 bitmap: this anti-aliases the affine jitter and lets stroke thickness vary by half a bitmap pixel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+CANVAS = 64  # drawing resolution; the NIST bitmap is CANVAS // 2 = 32
+BITMAP = 32
+_FONT_PX = 64  # glyphs are rendered once at this size and cached, then warped per sample
+
+
+def block_counts(bitmaps: np.ndarray) -> np.ndarray:
+    """(N, 32, 32) binary bitmaps -> (N, 8, 8) uint8 counts of on-pixels in each 4x4 block (0..16)."""
+    b = bitmaps.astype(np.uint8)
+    rows = b[:, 0::4] + b[:, 1::4] + b[:, 2::4] + b[:, 3::4]  # strided adds: much faster than sum(axis=(2, 4))
+    return rows[:, :, 0::4] + rows[:, :, 1::4] + rows[:, :, 2::4] + rows[:, :, 3::4]
+
+
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, 1, size, size), align_corners=False)`` written as two broadcasts
+    (the library's batched matmul with an inner dimension of 3 is many times slower on CPU)."""
+    lin = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
+    u, v = lin.view(1, 1, size), lin.view(1, size, 1)
+    t = theta.view(-1, 6, 1, 1)
+    gx = t[:, 0] * u + t[:, 1] * v + t[:, 2]
+    gy = t[:, 3] * u + t[:, 4] * v + t[:, 5]
+    return torch.stack([gx, gy], dim=-1)
+
+
+def finish_canvas(canvas: torch.Tensor, stroke: np.ndarray) -> np.ndarray:
+    """(N, 1, 64, 64) float ink in 0..255 -> (N, 8, 8) uint8 digits-style counts.
+
+    Strokes of canvas i are thickened by a (2 stroke[i] + 1)^2 max filter; then the 2x2 mean is
+    thresholded at one half (the 32x32 NIST bitmap) and on-pixels are counted in 4x4 blocks.
+    """
+    out = canvas.clone()
+    for level in np.unique(stroke):
+        if level <= 0:
+            continue
+        idx = torch.from_numpy(np.flatnonzero(stroke == level))
+        k = 2 * int(level) + 1
+        out[idx] = F.max_pool2d(canvas[idx], kernel_size=k, stride=1, padding=k // 2)
+    bitmap = (F.avg_pool2d(out, 2) >= 127.5).to(torch.float32)
+    return (F.avg_pool2d(bitmap, 4) * 16).round_()[:, 0].to(torch.uint8).numpy()
+
+
+# ----- fonts and glyphs ------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def font_dir() -> str:
+    """matplotlib's bundled TrueType fonts (DejaVu, STIX, Computer Modern), found without importing matplotlib."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("matplotlib is not installed; its fonts are needed for the built-in letter sets")
+    return os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf")
+
+
+@lru_cache(maxsize=None)
+def _font(filename: str) -> ImageFont.FreeTypeFont:
+    path = os.path.join(font_dir(), filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"font {filename} not found in {font_dir()} (it ships with matplotlib)")
+    return ImageFont.truetype(path, _FONT_PX)
+
+
+def _draw(filename: str, char: str) -> np.ndarray | None:
+    font = _font(filename)
+    left, top, right, bottom = font.getbbox(char)
+    pad = 4
+    img = Image.new("L", (max(right - left, 1) + 2 * pad, max(bottom - top, 1) + 2 * pad), 0)
+    ImageDraw.Draw(img).text((pad - left, pad - top), char, font=font, fill=255)
+    box = img.getbbox()
+    return None if box is None else np.asarray(img.crop(box))
+
+
+@lru_cache(maxsize=None)
+def _notdef(filename: str) -> bytes | None:
+    # U+FFFF is a non-character: every font draws its "missing glyph" (.notdef) for it.
+    arr = _draw(filename, "\uffff")
+    return None if arr is None else arr.tobytes() + bytes(arr.shape)
+
+
+def has_glyph(filename: str, char: str) -> bool:
+    """Whether the font draws ``char`` as a real glyph (not empty, not its .notdef box)."""
+    try:
+        arr = glyph(filename, char)
+    except ValueError:
+        return False
+    return arr.tobytes() + bytes(arr.shape) != _notdef(filename)
+
+
+@lru_cache(maxsize=None)
+def glyph(filename: str, char: str) -> np.ndarray:
+    """The glyph of ``char`` in a font, rendered once at 64 px and cropped to its ink (uint8, ink = 255)."""
+    arr = _draw(filename, char)
+    if arr is None:
+        raise ValueError(f"font {filename} renders {char!r} (U+{ord(char):04X}) as an empty glyph")
+    arr.setflags(write=False)
+    return arr
+
+
+def _glyph_bank(keys: list[tuple[str, str]]) -> tuple[torch.Tensor, np.ndarray]:
+    """The distinct glyphs centred in one (G, 1, H, W) uint8 tensor, and their ink sizes (G, 2) = (h, w)."""
+    glyphs = [glyph(f, c) for f, c in keys]
+    h = max(g.shape[0] for g in glyphs) + 2
+    w = max(g.shape[1] for g in glyphs) + 2
+    h, w = h + h % 2, w + w % 2
+    bank = np.zeros((len(glyphs), 1, h, w), dtype=np.uint8)
+    for i, g in enumerate(glyphs):
+        top, left = (h - g.shape[0]) // 2, (w - g.shape[1]) // 2
+        bank[i, 0, top:top + g.shape[0], left:left + g.shape[1]] = g
+    return torch.from_numpy(bank), np.array([g.shape for g in glyphs], dtype=np.float64)
+
+
+def render_glyphs(fonts: list[str], chars: list[str], rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Draw ``chars[i]`` in ``fonts[i]`` with random affine and stroke jitter, digits-style.
+
+    Like the NIST normalisation, the glyph's height is scaled to (most of) the bitmap height, its
+    aspect ratio kept (wide glyphs are limited by the width), and it is centred. Jitter per sample:
+    height fraction U(0.86, 1.0) (the UCI digits span all 8 rows), aspect x exp(N(-0.08, 0.08)),
+    rotation U(-12, 12) degrees, shear U(-0.2, 0.2), shift U(-1, 1) bitmap pixel, stroke dilation by
+    0 .. 1 bitmap pixel (handwritten strokes are thicker than most fonts').
+
+    The warp is one batched bilinear ``grid_sample`` over a bank of the distinct glyphs, each rendered
+    once. Returns (N, 8, 8) uint8 block counts and the jitter parameters per sample.
+    """
+    n = len(chars)
+    height = rng.uniform(0.86, 1.0, n)
+    aspect = np.exp(rng.normal(-0.08, 0.08, n))
+    angle = np.deg2rad(rng.uniform(-12.0, 12.0, n))
+    shear = rng.uniform(-0.2, 0.2, n)
+    shift = rng.uniform(-2.0, 2.0, (n, 2))  # canvas pixels = +-1 bitmap pixel
+    stroke = rng.choice(np.array([0, 0, 1, 1, 2]), n)
+    keys = sorted(set(zip(fonts, chars)))
+    where = {k: i for i, k in enumerate(keys)}
+    index = np.array([where[k] for k in zip(fonts, chars)], dtype=np.int64)
+    bank, sizes = _glyph_bank(keys)
+    gh, gw = sizes[index, 0], sizes[index, 1]
+    s = height * CANVAS / gh
+    sx, sy = s * aspect, s
+    fit = np.minimum(1.0, 0.94 * CANVAS / (gw * sx))  # wide glyphs (M, W, %) fit the box width instead
+    sx, sy = sx * fit, sy * fit
+    # forward map, in pixels about the centres: out = R(angle) @ Shear @ diag(sx, sy) @ in + shift
+    c, si = np.cos(angle), np.sin(angle)
+    rot = np.stack([np.stack([c, -si], -1), np.stack([si, c], -1)], -2)
+    shr = np.zeros((n, 2, 2))
+    shr[:, 0, 0] = shr[:, 1, 1] = 1.0
+    shr[:, 0, 1] = shear
+    scale = np.zeros((n, 2, 2))
+    scale[:, 0, 0], scale[:, 1, 1] = sx, sy
+    inv = np.linalg.inv(rot @ shr @ scale)
+    # grid_sample works in [-1, 1] coordinates: in_norm = D_in @ inv @ (D_out @ out_norm - shift)
+    bank_h, bank_w = bank.shape[2], bank.shape[3]
+    d_in = np.diag([2.0 / bank_w, 2.0 / bank_h])
+    d_out = np.diag([CANVAS / 2.0, CANVAS / 2.0])
+    theta = torch.from_numpy(np.concatenate([d_in @ inv @ d_out, -(d_in @ inv @ shift[:, :, None])], axis=2)).to(torch.float32)
+    counts = np.empty((n, 8, 8), dtype=np.uint8)
+    for lo in range(0, n, 256):  # bounded memory: 256 gathered glyphs at a time
+        hi = min(lo + 256, n)
+        src = bank[torch.from_numpy(index[lo:hi])].to(torch.float32)
+        canvas = F.grid_sample(src, _affine_grid(theta[lo:hi], CANVAS), mode="bilinear", padding_mode="zeros", align_corners=False)
+        counts[lo:hi] = finish_canvas(canvas, stroke[lo:hi])
+    params = {"height": height, "aspect": aspect, "angle_deg": np.rad2deg(angle), "shear": shear,
+              "shift_x": shift[:, 0] / 2, "shift_y": shift[:, 1] / 2, "stroke": stroke / 2}
+    return counts, params
+
+
+# ----- photographs -----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def photo_grey(name: str) -> Image.Image:
+    """One of scikit-learn's sample photographs (``china.jpg``, ``flower.jpg``) as a grey Pillow image."""
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image(name)).convert("L")
+
+
+def otsu_threshold(hist: np.ndarray) -> np.ndarray:
+    """Otsu's threshold (Otsu, IEEE Trans. SMC 1979) per row of (N, 256) grey-level histograms.
+
+    Maximises the between-class variance w0 w1 (mu0 - mu1)^2 over thresholds t (class 0: values <= t).
+    """
+    levels = np.arange(hist.shape[1], dtype=np.float64)
+    p = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    w0 = np.cumsum(p, axis=1)
+    m0 = np.cumsum(p * levels, axis=1)
+    mt = m0[:, -1:]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    return between.argmax(axis=1)
+
+
+def photo_patches(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Square patches (side 24..160 px) of a sample photograph, digits-style.
+
+    Each patch is area-resized to the 32x32 bitmap, binarised with its own Otsu threshold (the darker
+    class is "ink", as pen on paper), then counted in 4x4 blocks. Returns (N, 8, 8) uint8 and the boxes.
+    """
+    img = photo_grey(name)
+    width, height = img.size
+    side = rng.integers(24, 161, n)
+    x0 = (rng.random(n) * (width - side + 1)).astype(np.int64)
+    y0 = (rng.random(n) * (height - side + 1)).astype(np.int64)
+    grey = np.empty((n, BITMAP, BITMAP), dtype=np.uint8)
+    for i in range(n):
+        box = (int(x0[i]), int(y0[i]), int(x0[i] + side[i]), int(y0[i] + side[i]))
+        grey[i] = np.asarray(img.resize((BITMAP, BITMAP), Image.Resampling.BOX, box=box))
+    flat = grey.reshape(n, -1).astype(np.int64) + 256 * np.arange(n)[:, None]
+    hist = np.bincount(flat.reshape(-1), minlength=256 * n).reshape(n, 256)
+    t = otsu_threshold(hist)
+    bitmaps = grey <= t[:, None, None]
+    return block_counts(bitmaps), {"x": x0, "y": y0, "side": side, "threshold": t}
+
+
+# ----- synthetic structure -----------------------------------------------------------------------------
+
+def scribbles(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random pen scribbles: 2-4 quadratic Bezier strokes, pen width 5..10 canvas pixels, digits-style."""
+    strokes = rng.integers(2, 5, n)
+    ctrl = rng.uniform(4, CANVAS - 4, (n, 4, 3, 2))
+    width = rng.integers(5, 11, n)
+    t = np.linspace(0.0, 1.0, 128)[:, None]
+    p0, p1, p2 = ctrl[:, :, 0, None], ctrl[:, :, 1, None], ctrl[:, :, 2, None]
+    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2  # (n, 4, 128, 2)
+    xy = np.clip(curve, 0, CANVAS - 1).astype(np.int64)
+    active = np.broadcast_to((np.arange(4)[None, :] < strokes[:, None])[:, :, None], xy.shape[:3])
+    sample = np.broadcast_to(np.arange(n)[:, None, None], xy.shape[:3])
+    canvas = np.zeros((n, CANVAS, CANVAS), dtype=np.uint8)
+    canvas[sample[active], xy[..., 1][active], xy[..., 0][active]] = 255  # 1-pixel centre lines ...
+    pen = (width - 1) // 2  # ... drawn with a square pen of the chosen width
+    counts = finish_canvas(torch.from_numpy(canvas[:, None]).to(torch.float32), pen)
+    return counts, {"strokes": strokes, "width": 2 * pen + 1}
+
+
+def blobs(n: int, size: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
+    """Outlier Exposure's "Blobs" (Hendrycks et al., ICLR 2019): Bernoulli(0.7) pixels, Gaussian blur
+    sigma = 1.5, values below 0.75 set to 0. Returns (N, channels, size, size) float in [0, 1]."""
+    from scipy import ndimage
+
+    field = rng.binomial(1, 0.7, (n, channels, size, size)).astype(np.float64)
+    field = ndimage.gaussian_filter(field, sigma=(0, 0, 1.5, 1.5))
+    field[field < 0.75] = 0.0
+    return field

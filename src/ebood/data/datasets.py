@@ -1,0 +1,182 @@
+"""The dataset types every ``ebood.data`` loader returns, their errors and fingerprints.
+
+Every dataset is a ``torch.utils.data.Dataset`` of ``(x, y)``: ``x`` a float32 (C, H, W) tensor,
+``y`` an ``int`` class label or ``-1`` when the set has no labels (OOD sets). Each has a
+``fingerprint`` string (name, split, options and a hash of the content or the source files) that
+``ebood.extract`` uses as cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform
+
+__all__ = [
+    "DatasetNotFoundError", "DatasetFormatError", "ArrayDataset", "ImageArrayDataset", "ImageFileDataset",
+    "content_hash", "files_hash",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset whose files are not where they were looked for; the message lists the expected files."""
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file that exists but is truncated, corrupt or not in the official format."""
+
+
+def content_hash(*arrays: np.ndarray | torch.Tensor, digest_size: int = 8) -> str:
+    """Hex blake2b hash of the arrays' bytes, shapes and dtypes."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    for a in arrays:
+        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
+    return h.hexdigest()
+
+
+_EDGE = 1 << 16
+
+
+def files_hash(paths: Iterable[Path], base: Path | None = None, sample_content: bool = True) -> str:
+    """A cheap identity of source files: relative names, sizes and (optionally) their first/last 64 KiB."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in paths:
+        size = p.stat().st_size
+        name = str(p.relative_to(base)) if base is not None else p.name
+        h.update(f"{name}\0{size}\0".encode())
+        if sample_content:
+            with open(p, "rb") as f:
+                h.update(f.read(_EDGE))
+                if size > 2 * _EDGE:
+                    f.seek(size - _EDGE)
+                    h.update(f.read(_EDGE))
+    return h.hexdigest()
+
+
+class _Base(Dataset):
+    """Shared attributes: ``name``, ``fingerprint``, ``group``, ``description``, per-sample ``meta``."""
+
+    name: str
+    fingerprint: str
+    group: str | None
+    description: str
+    meta: dict[str, np.ndarray]
+    labels: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, group={self.group!r})"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct non-negative labels (0 for an unlabelled set)."""
+        lab = self.labels[self.labels >= 0]
+        return int(lab.unique().numel())
+
+
+class ArrayDataset(_Base):
+    """A dataset held in memory as ready-to-use tensors (``inputs`` (N, C, H, W) float32 -- or (N, D) features -- and ``labels`` (N,) int64)."""
+
+    def __init__(self, inputs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None, *,
+                 name: str, fingerprint: str | None = None, group: str | None = None, description: str = "",
+                 meta: Mapping[str, Any] | None = None) -> None:
+        x = torch.as_tensor(np.asarray(inputs) if isinstance(inputs, np.ndarray) else inputs).to(torch.float32)
+        if x.ndim < 2:
+            raise ValueError(f"{name}: inputs must be (N, ...) with one row per sample, e.g. (N, C, H, W); got shape {tuple(x.shape)}")
+        n = x.shape[0]
+        y = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels)).to(torch.int64)
+        if y.shape != (n,):
+            raise ValueError(f"{name}: labels must be (N,) = ({n},), got shape {tuple(y.shape)}")
+        self.inputs = x.contiguous()
+        self.labels = y.contiguous()
+        self.name = name
+        self.group = group
+        self.description = description
+        self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
+        for k, v in self.meta.items():
+            if len(v) != n:
+                raise ValueError(f"{name}: meta[{k!r}] has {len(v)} entries for {n} samples")
+        self.fingerprint = fingerprint or f"{name}|n={n}|sha={content_hash(self.inputs, self.labels)}"
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.inputs[index], int(self.labels[index])
+
+    def subset(self, indices: np.ndarray | torch.Tensor | list[int], *, name: str | None = None,
+               labels: torch.Tensor | np.ndarray | None = None, group: str | None = None,
+               description: str | None = None) -> "ArrayDataset":
+        """A new ArrayDataset of the chosen samples (and their meta), with its own fingerprint."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        new_name = name or self.name
+        return ArrayDataset(
+            self.inputs[idx], self.labels[idx] if labels is None else labels, name=new_name,
+            fingerprint=f"{new_name}|from={self.fingerprint}|idx={content_hash(idx)}",
+            group=self.group if group is None else group,
+            description=self.description if description is None else description,
+            meta={k: v[idx.numpy()] for k, v in self.meta.items()},
+        )
+
+
+class ImageArrayDataset(_Base):
+    """Images held in memory as a uint8 (N, C, H, W) array, transformed one at a time when read."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, transform: ImageTransform, *,
+                 name: str, fingerprint: str, group: str | None = None, description: str = "",
+                 meta: Mapping[str, Any] | None = None, classes: list[str] | None = None) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"{name}: images must be (N, C, H, W), got shape {images.shape}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        n = self.images.shape[0]
+        self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.transform = transform
+        self.classes = classes or []
+        self.name = name
+        self.fingerprint = f"{fingerprint}|{transform.describe()}"
+        self.group = group
+        self.description = description
+        self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+class ImageFileDataset(_Base):
+    """Image files decoded with Pillow when read (image-folder trees: Textures, Places365, LSUN, iSUN, TinyImageNet)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray | None, transform: ImageTransform, *,
+                 name: str, fingerprint: str, classes: list[str] | None = None, group: str | None = None,
+                 description: str = "", loader: Callable[[Path], np.ndarray] | None = None) -> None:
+        self.files = list(files)
+        n = len(self.files)
+        self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.transform = transform
+        self.classes = classes or []
+        self.name = name
+        self.fingerprint = f"{fingerprint}|{transform.describe()}"
+        self.group = group
+        self.description = description
+        self.meta = {"file": np.array([str(f) for f in self.files], dtype=object)}
+        self._loader = loader
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from .formats import read_image
+
+        path = self.files[index]
+        image = (self._loader or read_image)(path)
+        return self.transform(image), int(self.labels[index])
