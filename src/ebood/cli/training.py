@@ -68,24 +68,21 @@ def _history_table(history: list[Any], outliers: bool):
     return table
 
 
-def _run_training(fn, output: Path, describe: dict[str, Any], outliers: bool, **kwargs: Any) -> None:
-    """Run ``fn`` (finetune / train_classifier), print the epochs, write the weights; errors in one line."""
+def _run_training(fn, output: Path, info: dict[str, Any], outliers: bool, **kwargs: Any) -> None:
+    """Run ``fn`` (finetune / train_classifier) writing ``output``, print the epochs; errors in one line."""
     from rich.console import Console
 
-    from ..train import NonFiniteLossError, TrainingInterrupted, save_weights
+    from ..train import NonFiniteLossError, TrainingInterrupted
 
     history: list[Any] = []
     try:
-        model = fn(on_epoch=history.append, **kwargs)
+        fn(on_epoch=history.append, output=output, info=info, **kwargs)
     except TrainingInterrupted as exc:
         typer.echo(f"ebood: {exc}", err=True)
         raise typer.Exit(130) from None
     except NonFiniteLossError as exc:
         fail(str(exc))
     Console().print(_history_table(history, outliers))
-    from dataclasses import asdict
-
-    save_weights(model, output, {**describe, "history": [asdict(m) for m in history]})
     typer.echo(f"wrote {output}")
 
 

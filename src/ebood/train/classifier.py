@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .batches import LabelledSource, as_dataset
-from .loop import (EpochMetrics, Run, StepInfo, build_settings, checkpoint_paths, describe_data, resolve_device,
-                   run, validation_source)
+from .loop import (EpochMetrics, Run, StepInfo, add_info, build_settings, describe_data, output_paths,
+                   resolve_device, run, validation_source)
 from .losses import LossParts
 
 __all__ = ["train_classifier", "cross_entropy_loss"]
@@ -46,6 +46,8 @@ def train_classifier(
     device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    output: str | Path | None = None,
+    info: dict[str, Any] | None = None,
     progress: bool = True,
     validation: Any = None,
     num_workers: int = 0,
@@ -59,8 +61,8 @@ def train_classifier(
     momentum 0.9, weight decay 5e-4, batch 128, learning rate 0.1 cosine-annealed per step to
     ``lr_min``. ``optimizer="adam"`` uses Adam (``momentum`` / ``nesterov`` unused; weight decay
     as L2 penalty) instead; it trains small models such as ``ebood.models.DigitsCNN`` in a few
-    epochs. Data, seeding, checkpoints, resuming, interruption and the non-finite-loss stop work
-    as in :func:`ebood.train.finetune`.
+    epochs. Data, seeding, checkpoints, resuming, ``output`` / ``info``, interruption and the
+    non-finite-loss stop work as in :func:`ebood.train.finetune`.
     """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -76,8 +78,8 @@ def train_classifier(
     r = Run(
         model=model, loss_fn=cross_entropy_loss, optimizer=opt,
         id_source=LabelledSource(as_dataset(data, "data"), batch_size, seed, num_workers, "data"),
-        outlier_source=None, settings=settings, device=dev, progress=progress, on_step=on_step,
+        outlier_source=None, settings=add_info(settings, info), device=dev, progress=progress, on_step=on_step,
         on_epoch=on_epoch, validation=validation_source(validation, batch_size, seed, num_workers),
-        **checkpoint_paths(checkpoint_dir, resume),
+        **output_paths(checkpoint_dir, resume, output),
     )
     return run(r)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from .batches import LabelledSource, OutlierSource, as_dataset
-from .loop import (EpochMetrics, Run, StepInfo, build_settings, checkpoint_paths, describe_data, resolve_device,
-                   run, validation_source)
+from .loop import (EpochMetrics, Run, StepInfo, add_info, build_settings, describe_data, output_paths,
+                   resolve_device, run, validation_source)
 from .losses import EnergyBoundedLoss, LossParts, OutlierExposureLoss
 
 __all__ = ["finetune", "make_loss"]
@@ -55,6 +55,8 @@ def finetune(
     device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    output: str | Path | None = None,
+    info: dict[str, Any] | None = None,
     progress: bool = True,
     validation: Any = None,
     num_workers: int = 0,
@@ -84,6 +86,9 @@ def finetune(
     resume: a checkpoint folder (or a folder of them: the latest is used) to continue from; the
         result equals the uninterrupted run's. Checkpoints then go to ``checkpoint_dir`` or, when
         that is None, beside the resumed one.
+    output: write the final weights there: a safetensors state dict whose ebood header holds the
+        run's settings and per-epoch metrics (``ebood.train.load_weights`` reads both).
+    info: JSON-able facts recorded with the settings (e.g. where the model and data came from).
     progress: show a progress bar (only when stderr is a terminal).
     validation: optional labelled data whose accuracy is recorded after each epoch.
     on_step, on_epoch: callbacks receiving :class:`StepInfo` / :class:`EpochMetrics`.
@@ -110,8 +115,8 @@ def finetune(
         id_source=LabelledSource(as_dataset(id_data, "id_data"), id_batch_size, seed, num_workers, "id_data"),
         outlier_source=OutlierSource(as_dataset(outlier_data, "outlier_data"), outlier_batch_size, seed,
                                      num_workers, "outlier_data"),
-        settings=settings, device=dev, progress=progress, on_step=on_step, on_epoch=on_epoch,
+        settings=add_info(settings, info), device=dev, progress=progress, on_step=on_step, on_epoch=on_epoch,
         validation=validation_source(validation, id_batch_size, seed, num_workers),
-        **checkpoint_paths(checkpoint_dir, resume),
+        **output_paths(checkpoint_dir, resume, output),
     )
     return run(r)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .batches import LabelledSource, OutlierSource, as_dataset, derived_seed
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from .losses import LossParts
 
 __all__ = ["StepInfo", "EpochMetrics", "NonFiniteLossError", "TrainingInterrupted", "cosine_factor", "run"]
@@ -114,6 +114,7 @@ class Run:
     device: torch.device
     checkpoint_dir: Path | None = None
     resume: Path | None = None
+    output: Path | None = None
     progress: bool = True
     validation: LabelledSource | None = None
     on_step: Callable[[StepInfo], None] | None = None
@@ -339,6 +340,8 @@ def _run(r: Run) -> torch.nn.Module:
             epoch, step, last_ckpt,
         ) from None
     r.model.eval()
+    if r.output is not None:
+        save_weights(r.model, r.output, {"training": {"settings": s, "epoch": epoch, "step": step, "history": history}})
     return r.model
 
 
@@ -404,6 +407,19 @@ def build_settings(kind: str, loss: dict[str, Any] | str, epochs: int, lr: float
     }
 
 
+def add_info(settings: dict[str, Any], info: dict[str, Any] | None) -> dict[str, Any]:
+    """``settings`` with the caller's JSON-able ``info`` (where the model and data came from) under ``"info"``."""
+    if info:
+        import json
+
+        try:
+            json.dumps(info)
+        except TypeError as exc:
+            raise TypeError(f"info must be JSON-serialisable: {exc}") from exc
+        settings["info"] = dict(info)
+    return settings
+
+
 def validation_source(data: Any, batch_size: int, seed: int, num_workers: int) -> LabelledSource | None:
     """Labelled validation data as a source, or None."""
     if data is None:
@@ -411,8 +427,13 @@ def validation_source(data: Any, batch_size: int, seed: int, num_workers: int) -
     return LabelledSource(as_dataset(data, "validation"), max(batch_size, 256), seed, num_workers, "validation")
 
 
-def checkpoint_paths(checkpoint_dir: str | Path | None, resume: str | Path | None) -> dict[str, Path | None]:
-    """Where to resume from (the latest checkpoint under ``resume``) and where to write (default: beside it)."""
+def output_paths(checkpoint_dir: str | Path | None, resume: str | Path | None,
+                 output: str | Path | None) -> dict[str, Path | None]:
+    """Where to resume from (the latest checkpoint under ``resume``), where to write checkpoints (default:
+    beside the resumed one) and the final weights (whose folder must exist)."""
     res = find_checkpoint(resume) if resume is not None else None
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else (res.parent if res is not None else None)
-    return {"checkpoint_dir": folder, "resume": res}
+    out = Path(output) if output is not None else None
+    if out is not None and not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such folder for the output {out.name}")
+    return {"checkpoint_dir": folder, "resume": res, "output": out}
