@@ -1,22 +1,57 @@
 """Scores computed from logits, in one read of the logits.
 
-Every function takes logits whose LAST dimension is the class dimension (any leading shape) and
-returns one OOD score per row: higher means more out-of-distribution (see CONVENTIONS.md).
+Every function takes logits whose LAST dimension is the class dimension (any leading shape:
+``(N, C)`` for a classifier, ``(B, L, V)`` for a language model's tokens) and returns one OOD
+score per row: higher means more out-of-distribution (see CONVENTIONS.md).
 
-All scores derive from three per-row reductions, accumulated together in one pass:
-``m = max_j z_j``, ``s = sum_j exp((z_j - m)/T)`` and ``t = sum_j exp(z_j - m) (z_j - m)``.
-Then ``energy = -(m + T log s)``, ``msp = -1/s``, ``max_logit = -m`` and
-``entropy = log s1 - t/s1`` (with ``s1`` the sum at T = 1).
+All scores derive from per-row reductions accumulated together in one pass over the logits ``z``:
+``m = max_j z_j``, ``S_T = sum_j exp((z_j - m)/T)``, ``S_1 = sum_j exp(z_j - m)`` and
+``T_1 = sum_j exp(z_j - m) (z_j - m)``. Then
+
+* ``energy = -(m + T log S_T)``            (= -T logsumexp(z/T); Liu et al., NeurIPS 2020)
+* ``msp = -1 / S_T``                       (= -max softmax(z/T); Hendrycks & Gimpel, ICLR 2017)
+* ``max_logit = -m``                       (Hendrycks et al., ICML 2022)
+* ``entropy = log S_1 - T_1 / S_1``        (Shannon entropy of softmax(z) in nats; both terms
+  are >= 0, so nothing cancels)
+
+A row is reduced block by block with the online normaliser of Milakov & Gimelshein ("Online
+normalizer calculation for softmax", 2018): when a block raises the running max from ``m`` to
+``m'``, the running sums are rescaled once by ``exp(m - m')`` (``T_1`` also gains
+``(m - m') S_1``). Entries equal to the running max contribute exactly 1 and are counted
+rather than summed, so the entropy of confident rows keeps its relative precision.
+
+Two implementations give the same results:
+
+* a native kernel (``ebood._native._scores``, C built at install time, AVX2/FMA chosen at run
+  time) for float32 / float16 / bfloat16 logits on the CPU; it reads the logits once, in place,
+  row ranges split over ``torch.get_num_threads()`` threads;
+* chunked torch code for everything else (float64, GPU tensors, no compiler at install time, or
+  ``EBOOD_NO_NATIVE=1``); on a GPU it stays memory-bound.
+
+Neither ever materialises an (N, C) exp or softmax buffer: the extra memory is O(rows) plus at
+most :data:`CHUNK_BYTES`, also when a single row is larger than that (its column blocks are merged
+with the online-normaliser rule).
+
+Non-finite logits follow exact limits: a row containing ``+inf`` (and no NaN) has
+``energy = max_logit = -inf``, ``msp = -1/k`` and ``entropy = log k`` with ``k`` the number of
+``+inf`` entries (softmax is uniform over them) and predicts the first of them; a row of only
+``-inf`` has ``energy = max_logit = +inf`` and NaN msp / entropy (softmax is undefined); a row
+containing NaN gives NaN scores (prediction: its first NaN) and leaves other rows unaffected.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from ._arrays import accumulation_dtype, as_float_tensor
+from ._native import scores_kernel
 
 __all__ = ["energy", "msp", "max_logit", "entropy", "logit_scores", "SCORE_NAMES"]
 
@@ -24,6 +59,19 @@ SCORE_NAMES = ("energy", "msp", "max_logit", "entropy")
 
 #: Upper bound on the extra memory of one chunk of work, in bytes.
 CHUNK_BYTES = 64 * 2**20
+
+# The torch path keeps about this many tile-sized temporaries alive at once (the shifted logits,
+# the exponentials, a copy of a tile with NaN / +inf entries).
+_TORCH_TILE_COPIES = 4
+# Values per tile of the torch path on a CPU: small enough to stay in cache, large enough that
+# per-op thread hand-offs (costly on a busy machine) stay rare.
+_CPU_TILE_VALUES = 1 << 20
+# Native kernel dtype codes (see _native/_scores.c).
+_NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The kernel multiplies by 1/T in float32; outside this range the torch path divides instead.
+_NATIVE_TEMPERATURES = (1e-30, 1e30)
+# Below this many values per call, thread hand-off costs more than it saves.
+_MIN_VALUES_PER_THREAD = 1 << 16
 
 
 def _check_temperature(temperature: float) -> float:
@@ -33,8 +81,24 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
+def _logits_tensor(logits: Any) -> torch.Tensor:
+    """A tensor view of ``logits``; numpy arrays (also read-only memmaps and strided views) are
+    wrapped without a copy, so that large inputs are only ever copied chunk by chunk."""
+    if (
+        isinstance(logits, np.ndarray)
+        and logits.dtype in (np.float16, np.float32, np.float64)
+        and logits.dtype.isnative
+        and all(s >= 0 for s in logits.strides)
+    ):
+        with warnings.catch_warnings():
+            # Read-only arrays are fine: scores never write to the logits.
+            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+            return torch.from_numpy(logits)
+    return as_float_tensor(logits, "logits")
+
+
 def _as_logits(logits: Any) -> torch.Tensor:
-    x = as_float_tensor(logits, "logits")
+    x = _logits_tensor(logits)
     if x.ndim < 2:
         raise ValueError(
             f"logits must have at least 2 dimensions (..., classes) with classes last, "
@@ -42,75 +106,261 @@ def _as_logits(logits: Any) -> torch.Tensor:
         )
     if x.shape[-1] == 0:
         raise ValueError(f"logits have an empty class dimension: shape {tuple(x.shape)}; expected (..., C) with C >= 1")
-    return x
+    return x.detach()
 
 
-def _reduce_chunk(z: torch.Tensor, temperature: float, want_entropy: bool) -> dict[str, torch.Tensor]:
-    """Per-row reductions of a (rows, C) chunk, already in the accumulation dtype."""
-    m, pred = z.max(dim=-1)
-    inf_count = (z == math.inf).sum(dim=-1)
-    finite_max = torch.isfinite(m)
-    shift = torch.where(finite_max, m, torch.zeros_like(m)).unsqueeze(-1)
-    d = (z - shift).clamp_min(-1e4) if z.dtype == torch.float64 else (z - shift).clamp_min(-1e3)
-    e_t = torch.exp(d / temperature)
-    s_t = e_t.sum(dim=-1)
-    out = {"m": m, "pred": pred, "s_t": s_t, "inf_count": inf_count}
-    if want_entropy:
-        e1 = e_t if temperature == 1.0 else torch.exp(d)
-        out["s1"] = e1.sum(dim=-1)
-        out["t1"] = (e1 * d).sum(dim=-1)
-    return out
+# ----- walking the rows in bounded pieces -------------------------------------------------------
 
 
-def _finish(r: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-    m, s_t = r["m"], r["s_t"]
-    k = r["inf_count"].to(m.dtype)
-    has_inf = k > 0
-    energy = torch.where(has_inf, torch.full_like(m, -math.inf), -(m + temperature * torch.log(s_t)))
-    msp = torch.where(has_inf, -1.0 / k.clamp_min(1), -1.0 / s_t)
-    out = {"energy": energy, "msp": msp, "max_logit": -m}
-    if "s1" in r:
-        s1, t1 = r["s1"], r["t1"]
-        ent = torch.log(s1) - t1 / s1
-        out["entropy"] = torch.where(has_inf, torch.log(k.clamp_min(1)), ent.clamp_min(0))
-    all_neg_inf = m == -math.inf
-    nan = torch.full_like(m, math.nan)
-    out["msp"] = torch.where(all_neg_inf, nan, out["msp"])
-    if "entropy" in out:
-        out["entropy"] = torch.where(all_neg_inf, nan, out["entropy"])
-    # NaN rows: max() propagates NaN into m, and every score of the row is NaN.
-    row_nan = torch.isnan(m)
-    for key in out:
-        out[key] = torch.where(row_nan, nan, out[key])
-    out["prediction"] = r["pred"]
-    return out
+def _row_blocks(x: torch.Tensor, max_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, 2-D block)`` over the rows of ``x`` flattened to ``(-1, C)``.
+
+    Blocks are views where the leading dimensions can be flattened without a copy; otherwise
+    they are copies of at most ``max_rows`` rows (never a copy of the whole input).
+    """
+    c = x.shape[-1]
+    try:
+        flat = x.view(-1, c)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for start in range(0, flat.shape[0], max_rows):
+            yield start, flat[start : start + max_rows]
+        return
+    rows_per_item = math.prod(x.shape[1:-1])
+    if rows_per_item <= max_rows:
+        step = max_rows // rows_per_item
+        for i in range(0, x.shape[0], step):
+            yield i * rows_per_item, x[i : i + step].reshape(-1, c)
+    else:
+        for i in range(x.shape[0]):
+            for start, block in _row_blocks(x[i], max_rows):
+                yield i * rows_per_item + start, block
+
+
+# ----- native path --------------------------------------------------------------------------------
+
+
+def _native_usable(x: torch.Tensor, temperature: float) -> bool:
+    lo, hi = _NATIVE_TEMPERATURES
+    return (
+        scores_kernel is not None
+        and x.device.type == "cpu"
+        and x.dtype in _NATIVE_DTYPES
+        and lo <= temperature <= hi
+        and x.layout == torch.strided
+    )
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """A process-wide pool; recreated in a forked child (whose copy has no live threads)."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1)), thread_name_prefix="ebood-scores")
+        _pool_pid = os.getpid()
+    return _pool
+
+
+def _in_parallel(run_rows: Callable[[int, int], None], rows: int, cols: int) -> None:
+    """Calls ``run_rows(start, stop)`` on disjoint row ranges, in up to torch's thread count."""
+    parts = min(torch.get_num_threads(), rows, max(1, rows * cols // _MIN_VALUES_PER_THREAD))
+    if parts <= 1:
+        run_rows(0, rows)
+        return
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    futures = [_thread_pool().submit(run_rows, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    run_rows(bounds[0], bounds[1])  # the kernel releases the GIL, so the calling thread works too
+    for future in futures:
+        future.result()
+
+
+def _native_block(block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int) -> None:
+    """Scores of a 2-D CPU block with unit column stride, written into ``out[...][row0:]``."""
+    rows, cols = block.shape
+    itemsize = block.element_size()
+    energy_, msp_, max_logit_, prediction = (out[k] for k in ("energy", "msp", "max_logit", "prediction"))
+    entropy_ = out.get("entropy")
+    code = _NATIVE_DTYPES[block.dtype]
+    base, row_stride = block.data_ptr(), block.stride(0)
+
+    def run_rows(start: int, stop: int) -> None:
+        r = row0 + start
+        scores_kernel.row_scores(
+            base + start * row_stride * itemsize, code, stop - start, cols, row_stride, temperature,
+            entropy_ is not None,
+            energy_.data_ptr() + 4 * r, msp_.data_ptr() + 4 * r, max_logit_.data_ptr() + 4 * r,
+            entropy_.data_ptr() + 4 * r if entropy_ is not None else 0, prediction.data_ptr() + 8 * r,
+        )  # fmt: skip
+
+    _in_parallel(run_rows, rows, cols)
+
+
+# ----- torch path ---------------------------------------------------------------------------------
+
+
+class _RowState:
+    """Running per-row reductions of the torch path, merged tile by tile (online normaliser)."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        def full(value: float, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.full((rows,), value, dtype=dt, device=device)
+
+        self.m = full(-math.inf)
+        self.argmax = full(0, torch.int64)
+        self.r_t, self.r_1, self.t_1, self.ties = full(0.0), full(0.0), full(0.0), full(0.0)
+        self.n_posinf = full(0, torch.int64)
+        self.first_posinf = full(-1, torch.int64)
+        self.first_nan = full(-1, torch.int64)
+
+    def update(self, tile: torch.Tensor, col0: int, temperature: float, want_entropy: bool) -> None:
+        tile_max, tile_arg = tile.max(dim=-1)  # NaN and +inf propagate into tile_max
+        special = torch.isnan(tile_max) | (tile_max == math.inf)
+        if bool(special.any()):  # rare: count them exactly, then treat them as -inf
+            tile = self._track_special(tile, special, col0)
+            tile_max, tile_arg = tile.max(dim=-1)
+        tile_max = tile_max.to(self.m.dtype)
+        grew = tile_max > self.m
+        self.argmax = torch.where(grew, tile_arg + col0, self.argmax)
+        new_m = torch.maximum(self.m, tile_max)
+        # move the running sums to the new max; values at the old max stop being "ties"
+        delta = torch.where(grew & torch.isfinite(self.m), self.m - new_m, torch.zeros_like(new_m))
+        moved_ties = torch.where(grew, self.ties, torch.zeros_like(self.ties))
+        scale_1 = torch.exp(delta)
+        base_1 = self.r_1 + moved_ties
+        self.t_1 = scale_1 * (self.t_1 + delta * base_1)
+        self.r_1 = scale_1 * base_1
+        self.r_t = torch.exp(delta / temperature) * (self.r_t + moved_ties)
+        self.ties = self.ties - moved_ties
+        self.m = new_m
+
+        shift = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m)).unsqueeze(-1)
+        # -inf (input, or overflow of z - m) becomes the most negative float: exp gives exactly 0
+        # and 0 * d stays 0 (never 0 * -inf)
+        d = torch.sub(tile, shift).clamp_(min=torch.finfo(self.m.dtype).min)
+        # The tile's max, when it is the row's max, contributes exactly 1: count it and zero it,
+        # so the sums only hold the small terms (full relative precision for confident rows).
+        # Further ties with the max stay in the sums (then entropy >= log 2: no precision issue).
+        hit = (tile_max == new_m) & torch.isfinite(new_m)
+        self.ties += hit.to(d.dtype)
+        at_max = tile_arg.unsqueeze(-1)
+        if temperature != 1.0:
+            e_t = torch.exp(d / temperature)
+            e_t.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e_t.gather(1, at_max)))
+            self.r_t += e_t.sum(dim=-1)
+            del e_t
+        if want_entropy or temperature == 1.0:
+            e = torch.exp(d)
+            e.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e.gather(1, at_max)))
+            self.r_1 += e.sum(dim=-1)
+            self.t_1 += e.mul_(d).sum(dim=-1)
+
+    def _track_special(self, tile: torch.Tensor, special: torch.Tensor, col0: int) -> torch.Tensor:
+        """Counts NaN / +inf entries (and first positions) of the rows flagged ``special``;
+        returns the tile with those entries replaced by -inf."""
+        z = tile[special]
+        nan, posinf = torch.isnan(z), z == math.inf
+        for first, mask in ((self.first_nan, nan), (self.first_posinf, posinf)):
+            found = mask.any(dim=-1)
+            position = mask.to(torch.uint8).argmax(dim=-1) + col0  # argmax: the first maximal entry
+            first[special] = torch.where((first[special] < 0) & found, position, first[special])
+        self.n_posinf[special] += posinf.sum(dim=-1)
+        tile = tile.clone()
+        tile[special] = z.masked_fill(nan | posinf, -math.inf)
+        return tile
+
+    def finish(self, temperature: float, want_entropy: bool) -> dict[str, torch.Tensor]:
+        m, ties = self.m, self.ties
+        r_t = self.r_1 if temperature == 1.0 else self.r_t
+        s_t = ties + r_t
+        out = {"energy": -(m + temperature * torch.log(s_t)), "msp": -1.0 / s_t, "max_logit": -m}
+        if want_entropy:
+            out["entropy"] = torch.log1p((ties - 1.0) + self.r_1) - self.t_1 / (ties + self.r_1)
+        prediction = self.argmax
+        # exact limits for rows whose max is not finite (module docstring)
+        k = self.n_posinf.to(m.dtype)
+        has_posinf = k > 0
+        has_nan = self.first_nan >= 0
+        all_neginf = (m == -math.inf) & ~has_posinf & ~has_nan
+        special = {
+            "energy": (-math.inf, math.inf),
+            "max_logit": (-math.inf, math.inf),
+            "msp": (-1.0 / k.clamp_min(1), math.nan),
+            "entropy": (torch.log(k.clamp_min(1)), math.nan),
+        }
+        for key in out:
+            with_posinf, when_all_neginf = special[key]
+            value = torch.where(has_posinf, with_posinf, out[key])
+            value = torch.where(all_neginf, when_all_neginf, value)
+            out[key] = torch.where(has_nan, math.nan, value)
+        prediction = torch.where(has_posinf, self.first_posinf, prediction)
+        prediction = torch.where(all_neginf, 0, prediction)
+        out["prediction"] = torch.where(has_nan, self.first_nan, prediction)
+        return out
+
+
+def _torch_block(block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int) -> None:
+    """Scores of a 2-D block by chunked torch ops (any device / dtype), into ``out[...][row0:]``."""
+    rows, cols = block.shape
+    acc = accumulation_dtype(block.dtype)
+    itemsize = max(torch.finfo(acc).bits, torch.finfo(block.dtype).bits) // 8
+    budget = max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * itemsize))  # values per tile
+    if block.device.type == "cpu":
+        # each torch op makes a fresh buffer: small tiles stay in cache and avoid page faults
+        budget = min(budget, _CPU_TILE_VALUES)
+    tile_rows, tile_cols = max(1, budget // cols), min(cols, budget)
+    want_entropy = "entropy" in out
+    for r in range(0, rows, tile_rows):
+        tile = block[r : r + tile_rows]
+        state = _RowState(tile.shape[0], acc, block.device)
+        for c in range(0, cols, tile_cols):  # one column tile unless a single row exceeds the budget
+            state.update(tile[:, c : c + tile_cols], c, temperature, want_entropy)
+        for key, value in state.finish(temperature, want_entropy).items():
+            out[key][row0 + r : row0 + r + tile.shape[0]] = value
+
+
+# ----- driver -------------------------------------------------------------------------------------
 
 
 def _compute(logits: Any, temperature: float, want_entropy: bool) -> dict[str, torch.Tensor]:
     temperature = _check_temperature(temperature)
     x = _as_logits(logits)
-    lead, c = x.shape[:-1], x.shape[-1]
-    flat = x.reshape(-1, c)
-    n = flat.shape[0]
+    lead, cols = x.shape[:-1], x.shape[-1]
+    n = math.prod(lead)
     acc = accumulation_dtype(x.dtype)
-    rows_per_chunk = max(1, CHUNK_BYTES // (3 * c * torch.finfo(acc).bits // 8))
-    parts: list[dict[str, torch.Tensor]] = []
-    for start in range(0, n, rows_per_chunk):
-        z = flat[start : start + rows_per_chunk].to(acc)
-        parts.append(_finish(_reduce_chunk(z, temperature, want_entropy), temperature))
-    if not parts:
-        empty = torch.empty(0, dtype=acc, device=x.device)
-        parts = [{k: empty for k in SCORE_NAMES} | {"prediction": empty.long()}]
-    return {k: torch.cat([p[k] for p in parts]).reshape(lead) for k in parts[0]}
+    names = SCORE_NAMES if want_entropy else ("energy", "msp", "max_logit")
+    out = {k: torch.empty(n, dtype=acc, device=x.device) for k in names}
+    out["prediction"] = torch.empty(n, dtype=torch.int64, device=x.device)
+
+    native = _native_usable(x, temperature)
+    if native:
+        # the kernel reads in place; a copy is only needed for non-unit column strides
+        max_rows = max(1, CHUNK_BYTES // (cols * x.element_size()))
+    else:
+        itemsize = max(torch.finfo(acc).bits, torch.finfo(x.dtype).bits) // 8
+        max_rows = max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * cols * itemsize))
+    for row0, block in _row_blocks(x, max_rows):
+        if native and block.stride(-1) != 1 and cols * block.element_size() <= CHUNK_BYTES:
+            block = block.contiguous()
+        if native and block.stride(-1) == 1:
+            _native_block(block, temperature, out, row0)
+        else:
+            _torch_block(block, temperature, out, row0)
+    return {k: v.reshape(lead) for k, v in out.items()}
 
 
 def energy(logits: Any, temperature: float = 1.0) -> torch.Tensor:
-    """Free energy ``E(x) = -T * logsumexp(f(x) / T)`` (Liu et al., NeurIPS 2020). Higher = more OOD."""
+    """Free energy ``E(x) = -T * logsumexp(f(x) / T)`` (Liu, Wang, Owens & Li, "Energy-based
+    Out-of-distribution Detection", NeurIPS 2020). Higher = more OOD (no sign flip needed)."""
     return _compute(logits, temperature, want_entropy=False)["energy"]
 
 
 def msp(logits: Any, temperature: float = 1.0) -> torch.Tensor:
-    """Negated maximum softmax probability ``-max_j softmax(f(x)/T)_j`` (Hendrycks & Gimpel, ICLR 2017).
+    """Negated maximum softmax probability ``-max_j softmax(f(x)/T)_j`` (Hendrycks & Gimpel, "A
+    Baseline for Detecting Misclassified and Out-of-Distribution Examples", ICLR 2017).
 
     The paper's confidence is negated so that higher = more OOD.
     """
@@ -118,13 +368,17 @@ def msp(logits: Any, temperature: float = 1.0) -> torch.Tensor:
 
 
 def max_logit(logits: Any) -> torch.Tensor:
-    """Negated maximum logit ``-max_j f_j(x)`` (Hendrycks et al., ICML 2022). Higher = more OOD."""
+    """Negated maximum logit ``-max_j f_j(x)`` (Hendrycks et al., "Scaling Out-of-Distribution
+    Detection for Real-World Settings", ICML 2022). Higher = more OOD."""
     x = _as_logits(logits)
     return -x.amax(dim=-1).to(accumulation_dtype(x.dtype))
 
 
 def entropy(logits: Any) -> torch.Tensor:
-    """Shannon entropy ``-sum_j p_j log p_j`` of ``p = softmax(f(x))``, in nats. Higher = more OOD."""
+    """Shannon entropy ``-sum_j p_j log p_j`` of ``p = softmax(f(x))``, in nats. Higher = more OOD.
+
+    Computed as ``log S_1 - T_1 / S_1`` (module docstring), always at temperature 1.
+    """
     return _compute(logits, 1.0, want_entropy=True)["entropy"]
 
 
@@ -132,6 +386,7 @@ def logit_scores(logits: Any, temperature: float = 1.0) -> dict[str, torch.Tenso
     """All logit scores and the predicted class, computed together in one read of the logits.
 
     Returns a dict with ``energy`` and ``msp`` (at ``temperature``), ``max_logit``, ``entropy``
-    (always at temperature 1, as :func:`entropy`) and ``prediction`` (argmax, int64).
+    (always at temperature 1, as :func:`entropy`) and ``prediction`` (argmax, int64; the first
+    maximal class).
     """
     return _compute(logits, temperature, want_entropy=True)
