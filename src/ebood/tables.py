@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["metrics_table", "print_table", "percent"]
+__all__ = ["metrics_table", "print_table", "percent", "metric_label", "best_mask", "LOWER_IS_BETTER"]
 
 COLUMNS = (("fpr95", "FPR{tpr}"), ("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"))
 
+#: metrics where a lower value is better (the others: higher is better)
+LOWER_IS_BETTER = frozenset({"fpr95"})
+
 
 def percent(x: float) -> str:
-    return f"{100.0 * x:.2f}"
+    """A fraction as a percentage with two decimals; a missing value (NaN) as an en dash."""
+    return "\u2013" if math.isnan(x) else f"{100.0 * x:.2f}"
+
+
+def metric_label(key: str, *, tpr: float = 0.95, positive: str = "id") -> str:
+    """Column name of a metric: ``FPR95`` (``FPR95 (OOD+)`` in the OpenOOD reading), ``AUROC``, ..."""
+    if key == "fpr95":
+        return f"FPR{round(100 * tpr):g}" + ("" if positive == "id" else " (OOD+)")
+    return dict(COLUMNS)[key]
+
+
+def best_mask(values: Sequence[float], metric: str) -> list[bool]:
+    """Which values are the best of the column as printed (ties at two decimals all count; NaN never)."""
+    shown = [round(100.0 * v, 2) for v in values]
+    finite = [v for v in shown if not math.isnan(v)]
+    if not finite:
+        return [False] * len(shown)
+    best = min(finite) if metric in LOWER_IS_BETTER else max(finite)
+    return [v == best for v in shown]
 
 
 def metrics_table(
@@ -26,7 +48,7 @@ def metrics_table(
     first_column: str = "OOD set",
 ) -> Table:
     """One row per OOD set (and a bold mean row): FPR at ``tpr``, AUROC, AUPR-In, AUPR-Out in percent."""
-    fpr_name = f"FPR{round(100 * tpr):g}" + ("" if positive == "id" else " (OOD+)")
+    fpr_name = metric_label("fpr95", tpr=tpr, positive=positive)
     table = Table(title=title, show_lines=False)
     table.add_column(first_column)
     for key, label in COLUMNS:
