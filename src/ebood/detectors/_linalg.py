@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Iterator
@@ -42,7 +43,7 @@ __all__ = [
 
 #: Budget of one chunk of a similarity matrix (queries x bank) in the neighbour searches: larger
 #: than the general chunk budget, because a matrix product with few rows is slow.
-SEARCH_CHUNK_BYTES = 256 * 2**20
+SEARCH_CHUNK_BYTES = 512 * 2**20
 
 
 # ----- small checks ------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, devic
     sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
     chunks = list(row_slices(x.shape[0], 3 * d * 8))
     for rows in chunks:
-        sums.index_add_(0, labels[rows], x[rows].to(torch.float64))
+        sums.index_put_((labels[rows],), x[rows].to(torch.float64), accumulate=True)  # index_add_ is slow on CPU
     means = sums / counts.clamp_min(1.0)[:, None]
     scatter = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for rows in chunks:
@@ -197,43 +198,85 @@ def normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=torch.finfo(x.dtype).tiny ** 0.5)
 
 
-def _similarity_chunks(queries: torch.Tensor, bank: torch.Tensor, k: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+def _similarity_chunks(queries: torch.Tensor, bank: torch.Tensor, k: int, sort: bool = False) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """``(rows, top-k similarities, their bank indices)`` for chunks of queries."""
     bank_t = bank.T
     for rows in row_slices(queries.shape[0], bank.shape[0] * queries.element_size(), SEARCH_CHUNK_BYTES):
         sim = queries[rows] @ bank_t
-        values, index = torch.topk(sim, k, dim=1, sorted=False)
+        values, index = torch.topk(sim, k, dim=1, sorted=sort)
+        del sim
         yield rows, values, index
 
 
-def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, margin: int = 8) -> torch.Tensor:
-    """Euclidean distance from each (normalised) query to its k-th nearest row of ``bank``.
+#: ranks on each side of the k-th whose distances are recomputed exactly
+WINDOW = 4
 
-    On unit vectors ``||a - b||^2 = 2 - 2 a.b``, so the nearest rows are those of largest inner
-    product: one chunked matrix product and ``torch.topk``. ``2 - 2 a.b`` cancels for close
-    neighbours, so the ``k + margin`` best candidates get their distance recomputed from the
-    difference vectors (a few extra rows absorb the rounding of the similarities near the k-th).
+
+def similarity_error(dim: int, dtype: torch.dtype) -> float:
+    """A bound on the rounding error of an inner product of two unit vectors of ``dim`` entries
+    computed in ``dtype`` (``dim * eps``, plus the deviation of their norms from 1)."""
+    return (dim + 4) * torch.finfo(dtype).eps
+
+
+def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Euclidean distance from each (unit) query to its k-th nearest row of ``bank`` (unit rows).
+
+    On unit vectors ``||a - b||^2 = 2 - 2 a.b``: the nearest rows are those of largest inner
+    product, found with one chunked matrix product and ``torch.topk``. ``2 - 2 a.b`` cancels for
+    close neighbours, so the distance is recomputed from difference vectors for the candidates of
+    rank ``k - WINDOW .. k + WINDOW``. That window decides the k-th neighbour whenever the
+    similarity gaps at its edges exceed twice the rounding bound of :func:`similarity_error`
+    (then no row outside the window can swap with one inside); rows where a gap is smaller get all
+    their candidates, or the whole bank, recomputed.
     """
-    kk = min(bank.shape[0], k + margin)
+    n_bank = bank.shape[0]
+    lo = max(0, k - 1 - WINDOW)
+    kk = min(n_bank, k + WINDOW + 1)  # ranks 0..kk-1; the window is lo..kk-2 and rank kk-1 bounds it
+    eps2 = 2 * similarity_error(bank.shape[1], queries.dtype)
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    for rows, _, index in _similarity_chunks(queries, bank, kk):
-        out[rows] = _exact_kth(queries[rows], bank, index, k)
+    for rows, values, index in _similarity_chunks(queries, bank, kk, sort=True):
+        q = queries[rows]
+        if kk < n_bank:
+            hi = kk - 1  # window end (exclusive): ranks lo..kk-2
+            safe = values[:, hi - 1] - values[:, hi] > eps2
+        else:
+            hi = kk
+            safe = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+        if lo > 0:
+            safe &= values[:, lo - 1] - values[:, lo] > eps2
+        dist = _distances(q, bank, index[:, lo:hi])
+        result = torch.kthvalue(dist, k - lo, dim=1).values
+        unsafe = torch.nonzero(~safe)[:, 0]
+        if unsafe.numel():
+            result[unsafe] = _kth_by_full_candidates(q[unsafe], bank, values[unsafe], index[unsafe], k, eps2)
+        out[rows] = result
     return out
 
 
-def _exact_kth(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+def _distances(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``||q_i - bank[index_ij]||`` (n, m), from difference vectors, in bounded chunks."""
     dist = torch.empty(index.shape, dtype=queries.dtype, device=queries.device)
-    # bounded temporaries: (rows, candidates, D) at a time
-    per_row = index.shape[1] * bank.shape[1] * queries.element_size()
+    per_row = max(1, index.shape[1]) * bank.shape[1] * queries.element_size() * 2
     for sub in row_slices(queries.shape[0], per_row):
-        diff = queries[sub, None, :] - bank[index[sub]]
-        dist[sub] = torch.linalg.vector_norm(diff, dim=2)
-    return torch.kthvalue(dist, k, dim=1).values
+        dist[sub] = torch.linalg.vector_norm(queries[sub, None, :] - bank[index[sub]], dim=2)
+    return dist
+
+
+def _kth_by_full_candidates(q: torch.Tensor, bank: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int, eps2: float) -> torch.Tensor:
+    """k-th distance for rows whose window was not conclusive: every candidate recomputed, and
+    the whole bank where even the last candidate is too close to the k-th to be excluded."""
+    result = torch.kthvalue(_distances(q, bank, index), k, dim=1).values
+    if index.shape[1] < bank.shape[0]:
+        doubtful = torch.nonzero(values[:, k - 1] - values[:, -1] <= eps2)[:, 0]
+        for i in doubtful.tolist():
+            full = torch.linalg.vector_norm(q[i] - bank, dim=1)
+            result[i] = torch.kthvalue(full, k).values
+    return result
 
 
 def exact_kth_from_candidates(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest exact distance among candidate bank rows ``index`` (n, m >= k)."""
-    return _exact_kth(queries, bank, index, k)
+    return torch.kthvalue(_distances(queries, bank, index), k, dim=1).values
 
 
 def top_k_similarity_mean(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -249,6 +292,7 @@ def top_k_similarity_mean(queries: torch.Tensor, bank: torch.Tensor, k: int) -> 
 _HASH_SEED = 0x5EED_EB00D
 
 
+@functools.lru_cache(maxsize=16)
 def _hash_weights(dim: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(_HASH_SEED)
     w = torch.randint(-(2**62), 2**62, (dim,), generator=g, dtype=torch.int64) | 1
@@ -261,12 +305,16 @@ def row_keys(x: torch.Tensor) -> torch.Tensor:
     Integer arithmetic wraps modulo 2**64, so the key does not depend on the summation order."""
     bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     h = (bits * _hash_weights(x.shape[1], x.device)).sum(dim=1)
-    # finaliser of splitmix64 (arithmetic shifts; still a fixed function of the row)
-    h = h ^ (h >> 31)
-    h = h * -7723592293110705685
-    h = h ^ (h >> 29)
-    h = h * -4658895280553007687
-    return h ^ (h >> 32)
+    # the splitmix64 finaliser (torch shifts int64 arithmetically: mask to a logical shift)
+    h = h ^ _shift_right(h, 30)
+    h = h * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
+    h = h ^ _shift_right(h, 27)
+    h = h * -7723592293110705685  # 0x94d049bb133111eb
+    return h ^ _shift_right(h, 31)
+
+
+def _shift_right(h: torch.Tensor, s: int) -> torch.Tensor:
+    return (h >> s) & ((1 << (64 - s)) - 1)
 
 
 def bottom_k_rows(rows: torch.Tensor, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

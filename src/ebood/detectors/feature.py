@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,17 +89,13 @@ def _check_count(value: Any, what: str) -> int:
 class _FeatureDetector(Detector):
     """Base of the detectors in this file.
 
-    ``fit`` finalises right away (so that a singular covariance, a too small bank... is reported
-    by ``fit``, not by the first ``score``); ``partial_fit`` and ``merge`` finalise lazily. Loaded
-    state is checked and finalised by ``_validate_state`` (warnings already given at fit time are
-    not repeated)."""
+    Streaming fits derive what scoring needs (``_finalize``: a covariance's inverse, a bank...)
+    lazily, at the first ``score`` or ``save``, so that partial fits too small to be used on their
+    own (a shard of one sample) can still be merged; warnings and errors about the data appear
+    then. Loaded state is checked and finalised by ``_validate_state`` (without repeating the
+    warnings of the fit)."""
 
     requires = ("features",)
-
-    def fit(self, data: Outputs | Iterable[Outputs]) -> "_FeatureDetector":
-        super().fit(data)
-        self._ensure_final()
-        return self
 
     def _validate_state(self) -> None:
         self._check_state()
@@ -262,18 +258,25 @@ class _ClassGaussian(_FeatureDetector):
         self._n = n
         self._center = center
         self._whiten = whiten
-        self._class_centres = (means[present] - center) @ whiten
+        self._background: torch.Tensor | None = None
+        self._present_means = means[present]
         self._classes = torch.nonzero(present)[:, 0]
         self._cache: dict[Any, tuple[torch.Tensor, ...]] = {}
 
     def _scoring_params(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(c, W, m, b0)`` in ``dtype``: the reference point ``c`` (the training mean rounded to
+        ``dtype``), the whitening (class part, then the background part for RMD), the whitened
+        class means ``(mu_k - c) W`` and background mean ``(mu - c) W0``. Offsets are taken from
+        the *rounded* reference point in float64, so rounding the training mean to float32 costs
+        nothing (features far from the origin would otherwise lose digits)."""
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = tuple(t.to(device, dtype) for t in self._score_tensors())
+            ref = self._center.to(dtype).to(torch.float64)
+            centres = (self._present_means - ref) @ self._whiten
+            background = (self._center - ref) @ self._background if self._background is not None else ref[:0]
+            whiten = self._whiten if self._background is None else torch.cat([self._whiten, self._background], dim=1)
+            self._cache[key] = tuple(t.to(device, dtype) for t in (ref, whiten, centres, background))
         return self._cache[key]
-
-    def _score_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self._center, self._whiten, self._class_centres
 
 
 @register
@@ -307,7 +310,7 @@ class Mahalanobis(_ClassGaussian):
     def _score(self, outputs: Outputs) -> torch.Tensor:
         x = self._features(outputs, self.scatter_.shape[0])
         acc = accumulation_dtype(x.dtype)
-        center, whiten, centres = self._scoring_params(acc, x.device)
+        center, whiten, centres, _ = self._scoring_params(acc, x.device)
         per_row = (x.shape[1] + whiten.shape[1] * 6 + centres.shape[0]) * torch.finfo(acc).bits // 8
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         for rows in la.row_slices(x.shape[0], per_row):
@@ -337,22 +340,18 @@ class RelativeMahalanobis(_ClassGaussian):
         self._class_gaussian()
         _, _, total = la.total_moments(self._moments())
         self._background = la.inverse_sqrt(total / self._n, self.name, "background covariance")
-        self._joint = torch.cat([self._whiten, self._background], dim=1)
-
-    def _score_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self._center, self._joint, self._class_centres
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         x = self._features(outputs, self.scatter_.shape[0])
         acc = accumulation_dtype(x.dtype)
-        center, joint, centres = self._scoring_params(acc, x.device)
+        center, joint, centres, background = self._scoring_params(acc, x.device)
         r = centres.shape[1]
-        per_row = (x.shape[1] + joint.shape[1] + r * 5 + centres.shape[0]) * torch.finfo(acc).bits // 8
+        per_row = (x.shape[1] + joint.shape[1] * 2 + r * 5 + centres.shape[0]) * torch.finfo(acc).bits // 8
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         for rows in la.row_slices(x.shape[0], per_row):
             y = (x[rows].to(acc) - center) @ joint  # class part and background part in one product
             md_class = la.nearest_whitened(y[:, :r], centres)[0]
-            out[rows] = md_class - y[:, r:].square().sum(dim=1)
+            out[rows] = md_class - (y[:, r:] - background).square().sum(dim=1)
         return self._finite_scores(out, x)
 
 
@@ -387,6 +386,7 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
         x = batch.feature()
         la.check_finite(x, "features", self.name)
         self._keep_head(batch.head)
+        self._residual_dim(x.shape[1])  # a dim that leaves no residual is an error right away
         if x.shape[0] == 0:
             return
         device = x.device if self.scatter_ is None else self.scatter_.device
@@ -424,12 +424,8 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
         self._check_head_state(d)
         self.sample_count_ = _check_count(self.sample_count_, "sample_count_")
 
-    def _principal_space(self) -> None:
-        """Origin ``u = -pinv(W) b`` and an orthonormal basis of the residual space: the
-        eigenvectors of the second moment of ``x - u`` beyond the ``dim`` largest eigenvalues."""
-        if self.sample_count_ <= 0:
-            raise ValueError(f"detector {self.name!r}: no training samples were seen")
-        d = self.feature_mean_.shape[0]
+    def _residual_dim(self, d: int) -> int:
+        """The principal dimension used for features of dimension ``d`` (an error if >= d)."""
         dim = _default_vim_dim(d) if self.dim is None else int(self.dim)
         if dim >= d:
             raise ValueError(
@@ -438,30 +434,43 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
             )
         if dim < 1:
             raise ValueError(f"{self.name}: the features have dimension {d}; the principal space needs dim >= 1 and < D")
+        return dim
+
+    def _principal_space(self) -> None:
+        """Origin ``u = -pinv(W) b`` and an orthonormal basis of the residual space: the
+        eigenvectors of the second moment of ``x - u`` beyond the ``dim`` largest eigenvalues."""
+        if self.sample_count_ <= 0:
+            raise ValueError(f"detector {self.name!r}: no training samples were seen")
+        d = self.feature_mean_.shape[0]
+        dim = self._residual_dim(d)
         w = self.head_weight_.to(torch.float64)
         b = self.head_bias_.to(torch.float64, copy=False).to(w.device)
-        origin = -(torch.linalg.pinv(w) @ b)
-        shift = self.feature_mean_ - origin.to(self.feature_mean_.device)
+        # singular values below the head's own rounding (e.g. float32 rows that sum to zero) are
+        # treated as zero, like numpy's rule in the head's dtype, so that noise does not blow up u
+        rtol = max(w.shape) * torch.finfo(self.head_weight_.dtype).eps
+        origin = -(torch.linalg.pinv(w, rtol=rtol) @ b).to(self.scatter_.device)
+        shift = self.feature_mean_ - origin
         moment = self.scatter_ / self.sample_count_ + torch.outer(shift, shift)
         _, vecs = torch.linalg.eigh((moment + moment.T) / 2)  # ascending eigenvalues
-        self._origin = origin.to(self.scatter_.device)
-        self._residual_basis = vecs[:, : d - dim].contiguous()
-        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        basis = vecs[:, : d - dim].contiguous()
+        self._residual_basis = basis
+        self._origin_residual = origin @ basis  # u NS, subtracted in float64 at scoring
+        self._cache: dict[Any, torch.Tensor] = {}
         self._dim_used = dim
 
-    def _residual_params(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (dtype, str(device))
-        if key not in self._cache:
-            self._cache[key] = (self._origin.to(device, dtype), self._residual_basis.to(device, dtype))
-        return self._cache[key]
-
     def _residual_norms(self, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-        """``||(x - u) NS||`` per row, chunked, in ``acc``."""
-        origin, basis = self._residual_params(acc, x.device)
+        """``||(x - u) NS|| = ||x NS - u NS||`` per row, chunked: ``x NS`` in ``acc``, the
+        subtraction of the constant ``u NS`` in float64 (``u`` can be large: no cancellation)."""
+        key = (acc, str(x.device))
+        if key not in self._cache:
+            self._cache[key] = self._residual_basis.to(x.device, acc)
+        basis = self._cache[key]
+        shift = self._origin_residual.to(x.device)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        per_row = (x.shape[1] * 2 + basis.shape[1]) * torch.finfo(acc).bits // 8
+        per_row = (x.shape[1] + basis.shape[1] * 3) * 8
         for rows in la.row_slices(x.shape[0], per_row):
-            out[rows] = torch.linalg.vector_norm((x[rows].to(acc) - origin) @ basis, dim=1)
+            proj = (x[rows].to(acc) @ basis).to(torch.float64)
+            out[rows] = torch.linalg.vector_norm(proj - shift, dim=1).to(acc)
         return out
 
 
@@ -473,7 +482,9 @@ class Residual(_PrincipalSpace):
     Fit: the origin ``u = -pinv(W) b`` of the head ``(W, b)``, and the principal space: the
     ``dim`` eigenvectors of largest eigenvalue of the second moment
     ``1/N sum_i (x_i - u)(x_i - u)^T`` (sklearn ``EmpiricalCovariance(assume_centered=True)`` of
-    ``x - u``, as the official code). Score: ``||x^{P-perp}|| = ||(x - u) NS||``, the norm of the
+    ``x - u``, as the official code; ``pinv`` drops singular values below ``max(C, D) * eps`` of
+    the head's dtype, numpy's rule, so float32 rounding of a rank-deficient head does not throw
+    ``u`` far away). Score: ``||x^{P-perp}|| = ||(x - u) NS||``, the norm of the
     part of ``x - u`` outside the principal space (``NS`` an orthonormal basis of its complement;
     higher = more OOD). Default ``dim``: the official code's rule (1000 for D >= 2048, 512 for
     D >= 768, else D/2, e.g. OpenOOD v1.5's 256 for ResNet-18's 512 features).
@@ -537,17 +548,37 @@ class ViM(_PrincipalSpace):
         self.max_logit_sum_ = float(self.max_logit_sum_) + total
         self._add_sample(x.to(acc))
 
-    def _add_sample(self, rows: torch.Tensor) -> None:
+    def _add_sample(self, rows: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Offer rows to the bottom-k sample; pruning waits until twice the sample size is buffered."""
         rows = rows.to(self.scatter_.device)
+        if not hasattr(self, "_offered"):
+            self._offered: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._offered.append((rows, la.row_keys(rows) if keys is None else keys))
+        if sum(r.shape[0] for r, _ in self._offered) > 2 * self.ALPHA_SAMPLE:
+            self._prune_sample()
+
+    def _prune_sample(self) -> None:
+        """Keep the ``ALPHA_SAMPLE`` rows of smallest key, sorted by key (a canonical order)."""
+        parts = list(getattr(self, "_offered", []))
         if self.alpha_sample_ is not None:
-            rows = torch.cat([self.alpha_sample_, rows.to(self.alpha_sample_.dtype)])
-        self.alpha_sample_ = la.bottom_k_rows(rows, la.row_keys(rows), self.ALPHA_SAMPLE)[0]
+            kept = getattr(self, "_sample_keys", None)
+            if kept is None or kept.shape[0] != self.alpha_sample_.shape[0]:  # e.g. after loading
+                kept = la.row_keys(self.alpha_sample_)
+            parts.insert(0, (self.alpha_sample_, kept))
+        self._offered = []
+        if not parts:
+            return
+        dtype = parts[0][0].dtype
+        rows = torch.cat([r.to(dtype) for r, _ in parts])
+        keys = torch.cat([k.to(rows.device) for _, k in parts])
+        self.alpha_sample_, self._sample_keys = la.bottom_k_rows(rows, keys, self.ALPHA_SAMPLE)
 
     def _merge(self, other: "ViM") -> None:
         super()._merge(other)
+        other._prune_sample()
         if other.alpha_sample_ is not None:
             self.max_logit_sum_ = float(self.max_logit_sum_) + float(other.max_logit_sum_)
-            self._add_sample(other.alpha_sample_)
+            self._add_sample(other.alpha_sample_, other._sample_keys)
 
     def _check_state(self) -> None:
         super()._check_state()
@@ -561,6 +592,7 @@ class ViM(_PrincipalSpace):
             raise ValueError(f"max_logit_sum_ must be a finite number, got {self.max_logit_sum_!r}")
 
     def _finalize(self) -> None:
+        self._prune_sample()
         self._principal_space()
         sample = self.alpha_sample_
         residual = self._residual_norms(sample, torch.float64).mean()
@@ -748,7 +780,7 @@ class KNN(_Bank):
         bank = self.bank_.to(x.device, acc)
         queries = la.normalise_rows(x.to(acc))
         if self.index == "flat":
-            out = la.kth_neighbour_distance(queries, bank, self.k, self.MARGIN)
+            out = la.kth_neighbour_distance(queries, bank, self.k)
         else:
             out = self._approximate(queries, bank)
         return self._finite_scores(out, x)
@@ -762,7 +794,7 @@ class KNN(_Bank):
         out = la.exact_kth_from_candidates(queries, bank, index.clamp_min(0), self.k)
         if bool(short.any()):
             rows = torch.nonzero(short)[:, 0]
-            out[rows] = la.kth_neighbour_distance(queries[rows], bank, self.k, self.MARGIN)
+            out[rows] = la.kth_neighbour_distance(queries[rows], bank, self.k)
         return out
 
 
@@ -872,9 +904,9 @@ class SHE(_FeatureDetector):
             x64 = x[rows].to(device, torch.float64)
             y = labels[rows]
             correct = z[rows].to(device).argmax(dim=1) == y
-            self.class_sums_.index_add_(0, y, x64)
+            self.class_sums_.index_put_((y,), x64, accumulate=True)
             self.class_counts_ += torch.bincount(y, minlength=c).to(torch.float64)
-            self.correct_sums_.index_add_(0, y[correct], x64[correct])
+            self.correct_sums_.index_put_((y[correct],), x64[correct], accumulate=True)
             self.correct_counts_ += torch.bincount(y[correct], minlength=c).to(torch.float64)
 
     def _merge(self, other: "SHE") -> None:
@@ -987,6 +1019,8 @@ class FDBD(_KeepsHead, _FeatureDetector):
     def _accumulate(self, batch: Outputs) -> None:
         x = batch.feature()
         la.check_finite(x, "features", self.name)
+        if batch.head.num_classes < 2:
+            raise ValueError(f"{self.name}: the head has {batch.head.num_classes} class; decision boundaries need at least 2 classes")
         self._keep_head(batch.head)
         if self.feature_sum_ is None:
             self.feature_sum_ = torch.zeros(x.shape[1], dtype=torch.float64, device=self.head_weight_.device)
@@ -1133,7 +1167,7 @@ class ConjNorm(_FeatureDetector):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        sums = torch.zeros(c, d, dtype=torch.float64, device=x.device).index_add_(0, labels, x64)
+        sums = torch.zeros(c, d, dtype=torch.float64, device=x.device).index_put_((labels,), x64, accumulate=True)
         prototypes = self._normalise(sums[present] / counts[present, None].to(torch.float64))
         q = self._q
         mu_q = torch.linalg.vector_norm(prototypes, ord=q, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny ** 0.5)
@@ -1182,5 +1216,5 @@ def _scatter_logsumexp(acc: torch.Tensor, index: torch.Tensor, values: torch.Ten
     peak = torch.full_like(acc, -math.inf).scatter_reduce(0, index, values, reduce="amax")
     peak = torch.maximum(peak, acc)
     safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(acc - safe).index_add(0, index, torch.exp(values - safe[index]))
+    total = torch.exp(acc - safe).index_put((index,), torch.exp(values - safe[index]), accumulate=True)
     return torch.log(total) + safe
