@@ -52,7 +52,7 @@ GENERATOR_VERSION = 1
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 #: Samples per generated set.
 OOD_SIZE = 1000
-AUXILIARY_SIZES = {"glyph": 2000, "photo": 1000, "scribble": 1000}
+AUXILIARY_SIZE = 4000  # half glyphs, a quarter photo patches, a quarter scribbles
 
 #: Fonts of every *test* set rendered from fonts (letters and font-digits): matplotlib's DejaVu files.
 TEST_FONTS: tuple[str, ...] = tuple(
@@ -259,7 +259,7 @@ def _auxiliary_pairs() -> list[tuple[str, str]]:
 
 
 @lru_cache(maxsize=8)
-def auxiliary_outliers(seed: int = 0) -> ArrayDataset:
+def auxiliary_outliers(seed: int = 0, n: int = AUXILIARY_SIZE) -> ArrayDataset:
     """Outliers for energy / OE fine-tuning, disjoint from every test set (see ``AUXILIARY_DESCRIPTION``).
 
     ``meta["source"]`` is ``glyph`` / ``photo`` / ``scribble``; ``meta["font"]``, ``meta["char"]`` and
@@ -267,7 +267,8 @@ def auxiliary_outliers(seed: int = 0) -> ArrayDataset:
     """
     rng = _rng(seed, "outliers")
     pairs = _auxiliary_pairs()
-    n_g, n_p, n_s = AUXILIARY_SIZES["glyph"], AUXILIARY_SIZES["photo"], AUXILIARY_SIZES["scribble"]
+    n_g, n_p = n // 2, n // 4
+    n_s = n - n_g - n_p
     pick = rng.integers(0, len(pairs), n_g)
     fonts = [pairs[i][0] for i in pick]
     chars = [pairs[i][1] for i in pick]
@@ -275,7 +276,6 @@ def auxiliary_outliers(seed: int = 0) -> ArrayDataset:
     p_counts, _ = _render.photo_patches(AUXILIARY_PHOTO, n_p, rng)
     s_counts, _ = _render.scribbles(n_s, rng)
     counts = np.concatenate([g_counts, p_counts, s_counts])
-    n = len(counts)
     meta = {
         "source": np.array(["glyph"] * n_g + ["photo"] * n_p + ["scribble"] * n_s),
         "font": np.array(fonts + [""] * (n_p + n_s)),

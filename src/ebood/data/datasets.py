@@ -135,7 +135,8 @@ class ImageArrayDataset(_Base):
                  meta: Mapping[str, Any] | None = None, classes: list[str] | None = None) -> None:
         if images.ndim != 4:
             raise ValueError(f"{name}: images must be (N, C, H, W), got shape {images.shape}")
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        images = np.ascontiguousarray(images)
+        self.images = torch.from_numpy(images if images.flags.writeable else images.copy())  # torch wants writable memory
         n = self.images.shape[0]
         self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.transform = transform
