@@ -15,7 +15,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FinetunePreset", "PRESETS", "get_preset", "available_presets"]
+__all__ = ["FinetunePreset", "PretrainRecipe", "PRESETS", "get_preset", "available_presets"]
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Settings of :func:`ebood.train.train_classifier` for a preset's model trained from scratch."""
+
+    epochs: int
+    lr: float
+    optimizer: str = "sgd"
+    batch_size: int = 128
+    weight_decay: float = 5e-4
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class FinetunePreset:
     weight_decay: float = 5e-4
     id_batch_size: int = 128
     outlier_batch_size: int = 256
+    pretrain: PretrainRecipe | None = None
 
     def loss_params(self, loss: str) -> dict[str, float]:
         """The loss settings of the recipe for ``"energy"`` or ``"oe"``."""
@@ -56,6 +68,9 @@ class FinetunePreset:
         return {k: d[k] for k in keys}
 
 
+#: Margins of the built-in benchmark (see docs/training.md for how they were chosen).
+BUILTIN_M_IN, BUILTIN_M_OUT = -15.0, -4.0
+
 PRESETS: dict[str, FinetunePreset] = {
     "cifar10": FinetunePreset(
         name="cifar10",
@@ -68,6 +83,14 @@ PRESETS: dict[str, FinetunePreset] = {
         description="Liu et al. NeurIPS 2020: WRN-40-2 on CIFAR-100, energy margins -27 / -5",
         model="wrn40_2", num_classes=100, id_data="cifar100:train",
         energy={"m_in": -27.0, "m_out": -5.0, "weight": 0.1}, oe={"weight": 0.5},
+    ),
+    "builtin": FinetunePreset(
+        name="builtin",
+        description="the built-in digits benchmark: DigitsCNN, auxiliary outliers builtin:outliers",
+        model="digits_cnn", num_classes=10, id_data="builtin:digits-train",
+        energy={"m_in": BUILTIN_M_IN, "m_out": BUILTIN_M_OUT, "weight": 0.1}, oe={"weight": 0.5},
+        epochs=10, lr=1e-2, id_batch_size=128, outlier_batch_size=256,
+        pretrain=PretrainRecipe(epochs=10, lr=1e-2, optimizer="adam", batch_size=64),
     ),
 }
 
