@@ -445,3 +445,13 @@ def test_bad_specs_and_options(tmp_path):
         ImageTransform.build(channels=1, mean=[0.5] * 3, std=[0.5] * 3)
     with pytest.raises(DatasetNotFoundError, match="is not a directory"):
         open_dataset("cifar10:test", root=tmp_path / "missing")
+
+
+def test_folder_fingerprint_sees_a_same_size_content_change(tmp_path):
+    for k in range(3):
+        _png(tmp_path / "f" / f"{k}.png", np.zeros((8, 8, 3), np.uint8))
+    bmp = tmp_path / "f" / "3.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bmp)
+    before = open_dataset(f"folder:{tmp_path / 'f'}").fingerprint
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(bmp)  # BMP: same size, other pixels
+    assert open_dataset(f"folder:{tmp_path / 'f'}").fingerprint != before

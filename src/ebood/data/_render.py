@@ -3,7 +3,7 @@
 The UCI "Optical Recognition of Handwritten Digits" preprocessing (Alpaydin & Kaynak, 1998; NIST
 tools of Garris et al., 1997): a size-normalised, centred 32x32 *binary* bitmap is divided into
 non-overlapping 4x4 blocks and the "on" pixels of each block are counted, giving an 8x8 image of
-integers 0..16. Everything here ends with exactly that step (``block_counts``), so rendered letters,
+integers 0..16. Everything here ends with exactly that step (``block_counts``, ``finish_bitmap``), so letters,
 photo patches and scribbles live on the same grid as the digits.
 
 Glyphs are rendered once per (font, character), then warped (bilinear) straight onto the 32x32 grid and

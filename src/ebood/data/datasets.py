@@ -46,14 +46,20 @@ def content_hash(*arrays: np.ndarray | torch.Tensor, digest_size: int = 8) -> st
 _EDGE = 1 << 16
 
 
-def files_hash(paths: Iterable[Path], base: Path | None = None, sample_content: bool = True) -> str:
-    """A cheap identity of source files: relative names, sizes and (optionally) their first/last 64 KiB."""
+def files_hash(paths: Iterable[Path], base: Path | None = None, sample: int | None = None) -> str:
+    """A cheap identity of source files: their names (relative to ``base``) and sizes, plus the first and
+    last 64 KiB of every file (``sample=None``) or of ``sample`` evenly spaced files (large image trees)."""
+    paths = list(paths)
     h = hashlib.blake2b(digest_size=8)
-    for p in paths:
+    if sample is None:
+        chosen = set(range(len(paths)))
+    else:
+        chosen = set(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int).tolist()) if paths else set()
+    for i, p in enumerate(paths):
         size = p.stat().st_size
         name = str(p.relative_to(base)) if base is not None else p.name
         h.update(f"{name}\0{size}\0".encode())
-        if sample_content:
+        if i in chosen:
             with open(p, "rb") as f:
                 h.update(f.read(_EDGE))
                 if size > 2 * _EDGE:

@@ -293,7 +293,8 @@ def image_folder(path: str | os.PathLike, transform: ImageTransform | None = Non
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[r.parts[0]] for r in rel], dtype=np.int64)
     set_name = name or folder.name
-    fp = f"{set_name}|n={len(files)}|files={files_hash(files, base=folder, sample_content=False)}"
+    # names, sizes and a content sample; the absolute path too, so that two unrelated folders never share a cache entry
+    fp = f"{set_name}|n={len(files)}|path={folder.resolve()}|files={files_hash(files, base=folder, sample=16)}"
     return ImageFileDataset(files, labels, _folder_transform(transform), name=set_name, fingerprint=fp, classes=classes,
                             description=f"{set_name} ({len(files)} images from {folder})")
 
@@ -388,7 +389,7 @@ def tinyimagenet(root: str | os.PathLike | None, split: str = "val", transform: 
         if unknown:
             raise DatasetFormatError(f"{wnids_file}: does not list the class(es) {', '.join(unknown[:5])} used in {split}")
         labels = np.array([index[w] for w in wnids], dtype=np.int64)
-    fp = f"tinyimagenet:{split}|n={len(files)}|files={files_hash(files, base=top, sample_content=False)}"
+    fp = f"tinyimagenet:{split}|n={len(files)}|path={top.resolve()}|files={files_hash(files, base=top, sample=16)}"
     return ImageFileDataset(files, labels, _folder_transform(transform), name=f"tinyimagenet-{split}", fingerprint=fp,
                             classes=classes, description=f"Tiny ImageNet {split} ({len(files)} images)")
 
