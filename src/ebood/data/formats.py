@@ -322,7 +322,12 @@ NAMED_FOLDERS: dict[str, _NamedFolder] = {
 
 
 def named_folder(name: str, root: str | os.PathLike | None, transform: ImageTransform | None = None) -> ImageFileDataset:
-    """One of ``NAMED_FOLDERS`` under the data root (unlabelled: used as OOD sets)."""
+    """One of ``NAMED_FOLDERS`` under the data root (unlabelled: used as OOD sets).
+
+    Like the energy paper's code, Textures and Places365 are resized (shorter side) and centre-cropped
+    to ``image_size``. That code feeds LSUN-Crop, LSUN-Resize and iSUN without any resize; images whose
+    shorter side already equals ``image_size`` pass through unchanged here too, others are resized.
+    """
     spec = NAMED_FOLDERS[name]
     base = resolve_root(root, name)
     for sub in spec.folders:
