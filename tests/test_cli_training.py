@@ -80,7 +80,7 @@ def test_finetune_cli_equals_the_library_call(files, pretrained, tmp_path):
               "--weight", 0.2, "--epochs", 2, "--lr", 0.01, "--id-batch-size", 32, "--outlier-batch-size", 40,
               "--seed", 3, "--device", "cpu", "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
-    assert "E(ID)" in res.output and f"wrote {out}" in res.output
+    assert "E_in" in res.output and f"wrote {out}" in res.output
     expected = finetune(load_model("digits_cnn", pretrained), open_dataset(f"array:{files / 'train.npz'}"),
                         open_dataset(f"array:{files / 'outliers.npz'}"), EnergyBoundedLoss(-9, -2, 0.2), epochs=2,
                         lr=0.01, id_batch_size=32, outlier_batch_size=40, seed=3, progress=False)

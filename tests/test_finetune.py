@@ -416,3 +416,21 @@ def test_suggest_margins_uses_the_models_energies():
     assert m.m_out == pytest.approx(np.quantile(e_out, 0.9), abs=1e-5)
     sub = suggest_margins(model, (xi, torch.zeros(200, dtype=torch.long)), xo, max_samples=50)
     assert isinstance(sub.m_in, float)
+
+
+# ---------- presets ----------
+
+def test_presets_hold_the_papers_recipes():
+    from ebood.train import get_preset
+
+    paper = {"epochs": 10, "lr": 1e-3, "lr_min": 1e-6, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+             "id_batch_size": 128, "outlier_batch_size": 256}  # /work/shared/REFERENCES.md, official code
+    margins = {"cifar10": (-23.0, -5.0), "cifar100": (-27.0, -5.0)}  # the official run script
+    for name, (m_in, m_out) in margins.items():
+        p = get_preset(name)
+        assert p.model == "wrn40_2" and p.num_classes == int(name[5:]) and p.id_data == f"{name}:train"
+        assert p.finetune_kwargs() == paper
+        assert p.loss_params("energy") == {"m_in": m_in, "m_out": m_out, "weight": 0.1}
+        assert p.loss_params("oe") == {"weight": 0.5}
+    with pytest.raises(ValueError, match="available: builtin, cifar10, cifar100"):
+        get_preset("imagenet")

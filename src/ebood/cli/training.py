@@ -53,13 +53,12 @@ def _check_output(path: Path) -> None:
 def _history_table(history: list[Any], outliers: bool):
     from rich.table import Table
 
-    table = Table(title="training")
-    cols = ["epoch", "loss", "CE"] + (["in-term", "out-term", "E(ID)", "E(outliers)"] if outliers else [])
-    cols += ["train acc", "val acc", "s"]
+    table = Table(title="training", box=None, pad_edge=False)
+    cols = ["epoch", "loss", "CE"] + (["in", "out", "E_in", "E_out"] if outliers else []) + ["acc%", "val%", "s"]
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     for m in history:
-        row = [str(m.epoch), f"{m.loss:.4f}", f"{m.ce:.4f}"]
+        row = [str(m.epoch), f"{m.loss:.4g}", f"{m.ce:.4g}"]
         if outliers:
             row += [f"{m.in_term:.4g}", f"{m.out_term:.4g}", f"{m.energy_in:.2f}", f"{m.energy_out:.2f}"]
         row += [f"{100 * m.accuracy:.2f}", "-" if m.val_accuracy is None else f"{100 * m.val_accuracy:.2f}",
