@@ -248,7 +248,7 @@ class _RowState:
         self.ties += hit.to(d.dtype)
         at_max = tile_arg.unsqueeze(-1)
         if temperature != 1.0:
-            e_t = torch.exp(d / temperature)
+            e_t = torch.div(d, temperature).exp_()
             e_t.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e_t.gather(1, at_max)))
             self.r_t += e_t.sum(dim=-1)
             del e_t
