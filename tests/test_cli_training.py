@@ -54,7 +54,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "digits.safetensors"
-    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 3,
+    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 5,
               "--lr", 0.01, "--optimizer", "adam", "--batch-size", 32, "--validation", f"array:{files / 'train.npz'}",
               "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
@@ -64,13 +64,25 @@ def pretrained(files, tmp_path_factory):
 def test_train_writes_loadable_weights_that_learned(files, pretrained):
     h = record(pretrained)
     s = h["settings"]
-    assert s["info"]["command"] == "train" and s["optimizer"] == "adam" and s["epochs"] == 3
-    assert [e["epoch"] for e in h["history"]] == [1, 2, 3]
+    assert s["info"]["command"] == "train" and s["optimizer"] == "adam" and s["epochs"] == 5
+    assert [e["epoch"] for e in h["history"]] == [1, 2, 3, 4, 5]
     model = load_model("digits_cnn", pretrained)
     data = np.load(files / "train.npz")
     with torch.no_grad():
         acc = (model(torch.from_numpy(data["inputs"])).argmax(1).numpy() == data["labels"]).mean()
     assert acc > 0.9  # ten well-separated prototypes
+
+
+def test_train_is_reproducible_from_the_seed(files, tmp_path):
+    def train(seed, name):
+        res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 1,
+                  "--seed", seed, "-o", tmp_path / name, "--no-progress")
+        assert res.exit_code == 0, res.output
+        return load_model("digits_cnn", tmp_path / name).state_dict()
+
+    a, b, c = train(1, "a.safetensors"), train(1, "b.safetensors"), train(2, "c.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_finetune_cli_equals_the_library_call(files, pretrained, tmp_path):

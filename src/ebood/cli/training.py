@@ -99,7 +99,7 @@ def train_command(
     batch_size: int = typer.Option(128, "--batch-size", help="Samples per step."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov momentum 0.9) or adam."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-    seed: int = typer.Option(0, "--seed", help="Seeds the data order and dropout."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the initial weights, the data order and dropout."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save a resumable checkpoint here after each epoch."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (or the latest in a folder)."),
@@ -110,7 +110,11 @@ def train_command(
     from ..train import train_classifier
 
     _check_output(output)
-    net = _load_model(model, checkpoint, num_classes)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the initial weights, reproducible from --seed
+        net = _load_model(model, checkpoint, num_classes)
     _run_training(
         train_classifier, output,
         {"command": "train", "model": model, "checkpoint": None if checkpoint is None else str(checkpoint), "data": data},
