@@ -12,7 +12,7 @@
  * A row is read in blocks of BLOCK values that stay in L1: first the block max (from memory),
  * then the exponential sums (from L1) relative to the running max; when a later block raises the
  * max, the running sums are rescaled once (the online normaliser of Milakov & Gimelshein, 2018).
- * Block sums are float32 (vector lanes), row sums double. Entries equal to the running max
+ * Block sums are float32 in vector lanes (double in the scalar variant), row sums double. Entries equal to the running max
  * contribute exactly 1; they are counted, not summed, so that the float32 block sums only hold the
  * small terms and confident rows keep full relative precision in their entropy.
  *
@@ -56,7 +56,7 @@ enum { MODE_T1 = 0,        /* T == 1: S_T is S_1 */
        MODE_T_ONLY = 2 };  /* T != 1, no entropy: S_T only */
 
 typedef struct {
-    float r_t, r_1, t_1; /* sums over the block's values below the running max */
+    double r_t, r_1, t_1; /* sums over the block's values below the running max */
     int64_t ties;        /* values equal to the running max (each contributes exactly 1) */
 } block_sums;
 
@@ -132,7 +132,7 @@ static int64_t first_index_scalar(const float *p, int64_t n, float v) {
 }
 
 static void sums_scalar(const float *p, int64_t n, float m, float inv_t, int mode, int with_ties, block_sums *out) {
-    float r_t = 0.0f, r_1 = 0.0f, t_1 = 0.0f;
+    double r_t = 0.0, r_1 = 0.0, t_1 = 0.0; /* sequential sums: double keeps them exact enough */
     int64_t ties = 0;
     (void)with_ties;
     for (int64_t i = 0; i < n; i++) {
@@ -452,7 +452,28 @@ static PyObject *py_row_scores(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Test hook: switch the instruction-set variant ("scalar", or "avx2+fma" where the CPU has it). */
+static PyObject *py_set_isa(PyObject *self, PyObject *args) { /* self: this module */
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const kernel_ops *previous = active_ops;
+    if (strcmp(name, "scalar") == 0) {
+        active_ops = &scalar_ops;
+    } else {
+        select_ops();
+        if (strcmp(name, active_ops->name) != 0) {
+            active_ops = previous;
+            PyErr_Format(PyExc_ValueError, "instruction set %s is not available on this CPU", name);
+            return NULL;
+        }
+    }
+    if (PyModule_AddStringConstant(self, "isa", active_ops->name) < 0) return NULL;
+    return PyUnicode_FromString(previous->name);
+}
+
 static PyMethodDef methods[] = {
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name) -> previous name. Test hook: use the 'scalar' variant or the best one ('avx2+fma')."},
     {"row_scores", py_row_scores, METH_VARARGS,
      "row_scores(x_ptr, dtype, rows, cols, row_stride, temperature, want_entropy, energy_ptr, msp_ptr, "
      "max_logit_ptr, entropy_ptr, prediction_ptr)\n\n"
