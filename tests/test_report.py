@@ -51,7 +51,8 @@ def make_results_dir(
     doc = {
         "ebood_version": "0.1.0",
         "benchmark": "builtin",
-        "config": {"seed": seed, "positive": "id"},
+        "config": {"seed": seed, "positive": "id",
+                   "reference": {"source": "Liu et al. 2020", "metric": "fpr95", "pretrained/energy": 33.01}},
         "versions": {"python": "3.11.7", "torch": "2.13.0", "numpy": np.__version__},
         "device": "cpu (2 threads)",
         "seed": seed,
@@ -77,6 +78,7 @@ class _Page(HTMLParser):
         self.ids: set[str] = set()
         self.images: list[str] = []
         self.detector_sections: list[str] = []
+        self.hidden: list[tuple[str, dict]] = []
         self._cell: dict | None = None
         self._text: list[str] = []
 
@@ -87,9 +89,11 @@ class _Page(HTMLParser):
             self.ids.add(a["id"])
         if tag == "img":
             self.images.append(a.get("src", ""))
+        if "hidden" in a or "display:none" in a.get("style", "").replace(" ", ""):
+            self.hidden.append((tag, a))
         if tag == "section" and "data-detector" in a:
             self.detector_sections.append(a["data-detector"])
-        if tag == "td" and "data-metric" in a:
+        if tag == "td" and ("data-metric" in a or "data-reference" in a):
             self._cell, self._text = a, []
 
     def handle_data(self, data):
@@ -179,6 +183,38 @@ def test_table_numbers_equal_the_rows(rendered):
     assert seen == set(expected)
 
 
+def test_published_numbers_sit_beside_the_means(rendered):
+    _, path = rendered
+    ref = {c["data-reference"]: t for c, t in _parse(path).cells if "data-reference" in c}
+    assert ref == {f"{m}/{d}": ("33.01" if (m, d) == ("pretrained", "energy") else "\u2013") for m in MODELS for d in DETECTORS}
+    assert "Liu et al. 2020" in path.read_text(encoding="utf-8")
+
+
+def test_content_is_visible_without_javascript(rendered):
+    _, path = rendered
+    text = path.read_text(encoding="utf-8")
+    assert not _parse(path).hidden  # nothing starts hidden: the script hides the inactive tabs itself
+    # the only CSS that hides anything is the tab bar, shown once the script has run
+    css = text[text.index("<style>") + 7 : text.index("</style>")]
+    hidden_rules = re.findall(r"([^{}]+)\{[^}]*display:\s*none", css)
+    assert [r.strip() for r in hidden_rules] == [".tabs"]
+    assert text.count("class='tab' data-panel=") == len(metrics.METRIC_NAMES)
+
+
+def test_missing_metrics_show_a_dash_and_are_never_best(tmp_path):
+    from ebood.report import write_report
+
+    doc = make_results_dir(tmp_path, models=("pretrained",), detectors=("msp", "energy"), sets=SETS[:2], n_id=30, n_ood=30)
+    doc["rows"][0]["fpr95"] = None  # pretrained/msp/letters
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    cells = _parse(write_report(tmp_path, figures="none")).cells
+    key = lambda c: (c.get("data-detector"), c.get("data-set"), c.get("data-metric"))  # noqa: E731
+    shown = [(c, t) for c, t in cells if key(c) in {("msp", "letters", "fpr95"), ("msp", "mean:near", "fpr95"), ("msp", "mean:all", "fpr95")}]
+    assert shown and all(t == "\u2013" and "best" not in c["class"] for c, t in shown)
+    # the energy row is then the best of the letters FPR column (in the per-set table)
+    assert any("best" in c["class"].split() for c, _ in cells if key(c) == ("energy", "letters", "fpr95"))
+
+
 def test_covariate_set_is_not_in_the_means(rendered):
     doc, path = rendered
     cells = {(c["data-model"], c["data-detector"], c["data-set"], c["data-metric"]): t for c, t in _parse(path).cells if "data-detector" in c}
@@ -227,6 +263,32 @@ def test_every_figure_is_a_png(rendered):
         assert image.format == "PNG" and image.width > 300 and image.height > 150
         pixels = np.asarray(image.convert("L"))
         assert (pixels < 200).mean() > 0.01  # something is drawn
+
+
+@pytest.mark.parametrize("positive", ["id", "ood"])
+def test_roc_points_and_threshold_against_sklearn(positive):
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from ebood.report.figures import _roc_points, threshold
+
+    rng = np.random.default_rng(3)
+    id_s = np.round(rng.normal(0.0, 1.0, 400), 1)  # rounded: many ties
+    ood_s = np.round(rng.normal(1.0, 1.5, 250), 1)
+    fpr, tpr = _roc_points(id_s, ood_s, positive)
+    labels = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
+    pooled = np.r_[id_s, ood_s]
+    if positive == "ood":  # OOD flagged when score >= t
+        ref_fpr, ref_tpr, _ = roc_curve(labels, pooled)
+    else:  # ID accepted when score <= t
+        ref_fpr, ref_tpr, _ = roc_curve(1 - labels, -pooled)
+    assert sorted(zip(fpr.tolist(), tpr.tolist())) == sorted(zip(ref_fpr.tolist(), ref_tpr.tolist()))
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, pooled), abs=1e-12)
+
+    t = threshold(id_s, ood_s, 0.95, positive)
+    if positive == "ood":  # the largest t flagging at least 95% of OOD
+        assert np.mean(ood_s >= t) >= 0.95 and np.mean(ood_s >= np.min(ood_s[ood_s > t])) < 0.95
+    else:  # the smallest t accepting at least 95% of ID
+        assert np.mean(id_s <= t) >= 0.95 and np.mean(id_s <= np.max(id_s[id_s < t])) < 0.95
 
 
 def test_rendering_is_deterministic(tmp_path):

@@ -168,9 +168,9 @@ def _roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, positive: str) ->
     last_of_tie = np.r_[ranked[1:] != ranked[:-1], True]  # ties are one operating point
     tp = np.cumsum(is_pos[order])[last_of_tie]
     fp = np.cumsum(1.0 - is_pos[order])[last_of_tie]
-    fpr, tpr = np.r_[0.0, fp / neg.size], np.r_[0.0, tp / pos.size]
-    bend = np.r_[True, (np.diff(fpr, 2) != 0) | (np.diff(tpr, 2) != 0), True]
-    return fpr[bend], tpr[bend]
+    # Bends are found on the integer counts, where "on a straight line" is exact.
+    bend = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+    return np.r_[0.0, fp[bend] / neg.size], np.r_[0.0, tp[bend] / pos.size]
 
 
 def _roc_panel(ax, id_scores: np.ndarray, sets: Sequence[SetScores], tpr: float, positive: str) -> None:

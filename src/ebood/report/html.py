@@ -143,10 +143,20 @@ def _sets_table(results: Results) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _when(value: Any) -> Any:
+    """An ISO time as ``2025-01-02 03:04:05 +00:00``; anything else as given."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(value)).isoformat(sep=" ", timespec="seconds").replace("+", " +")
+    except ValueError:
+        return value
+
+
 def _environment(results: Results) -> str:
     raw = results.raw
     items = [("ebood", raw.get("ebood_version")), ("device", raw.get("device")), ("seed", raw.get("seed")),
-             ("created", raw.get("created"))]
+             ("created", _when(raw.get("created")) if raw.get("created") else None)]
     versions = raw.get("versions")
     if isinstance(versions, Mapping):
         items += [(k, v) for k, v in versions.items()]
@@ -158,7 +168,7 @@ def _environment(results: Results) -> str:
 
 def _header(results: Results) -> str:
     raw = results.raw
-    meta = " · ".join(e(x) for x in (f"ebood {raw.get('ebood_version', '?')}", raw.get("created"), raw.get("device"),
+    meta = " · ".join(e(x) for x in (f"ebood {raw.get('ebood_version', '?')}", _when(raw.get("created")), raw.get("device"),
                                       f"seed {raw.get('seed')}" if raw.get("seed") is not None else None) if x)
     aux = raw.get("auxiliary_outliers")
     aux_html = (f"<div class='card wide'><h3>Auxiliary outliers (fine-tuning)</h3><p>{e(aux)}</p></div>"
@@ -245,7 +255,8 @@ def summary_table(results: Results) -> str:
 
         def extra(model: str, det: str) -> str:
             v = values.get(f"{model}/{det}")
-            return f"<td class='num ref'>{'–' if v is None else f'{v:.2f}'}</td>"
+            return (f"<td class='num ref' data-reference='{e(model)}/{e(det)}'>"
+                    f"{'–' if v is None else f'{v:.2f}'}</td>")
 
     body = _body(results, columns, span, extra)
     note = (f"<p class='note'>Published: {e(ref[2])}.</p>" if ref and ref[2] else "")
@@ -541,7 +552,7 @@ h4 { font-size:0.98rem; margin:18px 0 8px; }
 .seg3 { background:#CC79A7; } .seg4 { background:#56B4E9; }
 .legend { list-style:none; padding:0; margin:8px 0 0; display:flex; flex-wrap:wrap; gap:4px 14px; font-size:0.88rem; }
 .dot { display:inline-block; width:10px; height:10px; border-radius:50%; margin-right:5px; vertical-align:-1px; }
-.badge { display:inline-block; font-size:0.72rem; padding:1px 7px; border-radius:9px; color:#fff; vertical-align:1px; }
+.badge { display:inline-block; white-space:nowrap; font-size:0.72rem; padding:1px 7px; border-radius:9px; color:#fff; vertical-align:1px; }
 .badge.near { background:var(--near); } .badge.far { background:var(--far); } .badge.covariate { background:var(--cov); }
 .warning { background:#fff4e0; border:1px solid #E69F00; border-radius:8px; padding:10px 14px; }
 .howto { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px 16px; margin-top:16px; }
@@ -581,8 +592,8 @@ section.detector { background:var(--card); border:1px solid var(--line); border-
 section.detector .scroll { border:0; }
 .up { float:right; font-size:0.8rem; font-weight:400; }
 .model-block + .model-block { border-top:1px dashed var(--line); margin-top:14px; }
-figure.plot { margin:12px 0 0; text-align:center; }
-figure.plot img { max-width:100%; height:auto; }
+figure.plot { margin:12px 0 0; text-align:center; overflow-x:auto; }
+figure.plot img { max-width:100%; min-width:640px; height:auto; }
 figure.overview { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px; }
 figcaption { color:var(--muted); font-size:0.85rem; margin-top:4px; }
 figcaption.key { display:flex; flex-wrap:wrap; justify-content:center; gap:4px 18px; color:var(--ink); margin:0 0 4px; }
