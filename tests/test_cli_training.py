@@ -17,6 +17,15 @@ load_commands()
 RUNNER = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, which oversubscribe a shared machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run(*args):
     return RUNNER.invoke(app, [str(a) for a in args])
 
@@ -117,9 +126,30 @@ def test_suggest_margins_option(files, pretrained, tmp_path):
     assert loss["m_out"] == -1.5  # given explicitly: not replaced
 
 
-def test_preset_fills_the_recipe_and_explicit_options_win(files, pretrained, tmp_path):
+SEEN = []
+
+
+class TinyCifarNet(torch.nn.Module):
+    """A 3x32x32 classifier small enough for a test, recording the batches it is given."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32 * 32, num_classes)
+
+    def forward(self, x):
+        SEEN.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def tiny_cifar_net(num_classes=10):
+    return TinyCifarNet(num_classes)
+
+
+def test_preset_fills_the_recipe_and_explicit_options_win(files, tmp_path):
+    from ebood.train import get_preset
+
     out = tmp_path / "ft.safetensors"
-    res = run("finetune", "--preset", "cifar10", "--model", "digits_cnn", "--checkpoint", pretrained,
+    res = run("finetune", "--preset", "cifar10", "--model", "test_cli_training:tiny_cifar_net",
               "--id", f"array:{files / 'train.npz'}", "--outliers", f"array:{files / 'outliers.npz'}",
               "--epochs", 1, "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
@@ -127,12 +157,22 @@ def test_preset_fills_the_recipe_and_explicit_options_win(files, pretrained, tmp
     assert s["loss"]["m_in"] == -23.0 and s["loss"]["m_out"] == -5.0 and s["loss"]["weight"] == 0.1
     assert (s["epochs"], s["lr"], s["lr_min"], s["id_batch_size"], s["outlier_batch_size"]) == (1, 1e-3, 1e-6, 128, 256)
     assert (s["momentum"], s["nesterov"], s["weight_decay"]) == (0.9, True, 5e-4)
+    # the recipe's data handling: normalised 3x32x32 images, crops padded with black, flips
+    mean, std = np.array(get_preset("cifar10").mean), np.array(get_preset("cifar10").std)
+    assert s["augment"]["padding"] == 4 and s["augment"]["flip"] is True
+    np.testing.assert_allclose(s["augment"]["fill"], -mean / std)
+    batch = SEEN[-1]  # the last step: 32 ID images + 256 outliers, normalised and augmented
+    assert batch.shape == (32 + 256, 3, 32, 32)
+    black = torch.tensor(-mean / std, dtype=torch.float32)
+    assert torch.isclose(batch.amin(dim=(0, 2, 3)), black, atol=1e-5).all()  # pixels 0 or padding
+    assert (batch.amax(dim=(0, 2, 3)) > 1.5).all()  # normalised, not [0, 1]
     assert s["info"]["preset"] == "cifar10"
-    res = run("finetune", "--preset", "cifar10", "--loss", "oe", "--model", "digits_cnn", "--checkpoint", pretrained,
-              "--id", f"array:{files / 'train.npz'}", "--outliers", f"array:{files / 'outliers.npz'}",
-              "--epochs", 1, "-o", out, "--no-progress")
+    res = run("finetune", "--preset", "cifar10", "--loss", "oe", "--no-augment", "--model",
+              "test_cli_training:tiny_cifar_net", "--id", f"array:{files / 'train.npz'}",
+              "--outliers", f"array:{files / 'outliers.npz'}", "--epochs", 1, "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
-    assert record(out)["settings"]["loss"] == {"loss": "oe", "weight": 0.5}
+    s = record(out)["settings"]
+    assert s["loss"] == {"loss": "oe", "weight": 0.5} and s["augment"] is None
 
 
 def test_checkpoint_dir_and_resume(files, pretrained, tmp_path):

@@ -11,11 +11,21 @@ from scipy.special import logsumexp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ebood.train import (EnergyBoundedLoss, NonFiniteLossError, OutlierExposureLoss, TrainingInterrupted,
-                         finetune, load_checkpoint, margins_from_energies, suggest_margins, train_classifier)
+from ebood.train import (EnergyBoundedLoss, NonFiniteLossError, OutlierExposureLoss, RandomCropFlip,
+                         TrainingInterrupted, finetune, load_checkpoint, margins_from_energies, suggest_margins,
+                         train_classifier)
 from ebood.train.batches import OutlierSource
 
 N_CLASSES, DIM = 3, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, which oversubscribe a shared machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0, dropout=0.3, bn=True, dtype=torch.float32):
@@ -434,3 +444,53 @@ def test_presets_hold_the_papers_recipes():
         assert p.loss_params("oe") == {"weight": 0.5}
     with pytest.raises(ValueError, match="available: builtin, cifar10, cifar100"):
         get_preset("imagenet")
+
+
+# ---------- augmentation ----------
+
+def test_random_crop_flip_matches_a_per_sample_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 7, generator=g)
+    aug = RandomCropFlip(padding=2, fill=[0.5, -1.0, 2.0])
+    out = aug(x, torch.Generator().manual_seed(11))
+    draws = torch.Generator().manual_seed(11)  # the documented draws: offsets (row, col), then flips
+    offsets = torch.randint(0, 5, (6, 2), generator=draws)
+    flips = torch.rand(6, generator=draws) < 0.5
+    assert 0 < int(flips.sum()) < 6
+    for i in range(6):
+        canvas = torch.tensor([0.5, -1.0, 2.0])[:, None, None].repeat(1, 9, 11)
+        canvas[:, 2:7, 2:9] = x[i]
+        oy, ox = offsets[i].tolist()
+        ref = canvas[:, oy:oy + 5, ox:ox + 7]
+        torch.testing.assert_close(out[i], ref.flip(2) if flips[i] else ref, rtol=0, atol=0)
+    assert torch.equal(RandomCropFlip(padding=0, flip=False)(x, g), x)
+    black = RandomCropFlip.for_normalized([0.5, 0.25], [0.5, 0.25])
+    assert black.fill == [-1.0, -1.0]
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        black(torch.zeros(3, 4), g)
+    with pytest.raises(ValueError, match="padding"):
+        RandomCropFlip(padding=-1)
+
+
+def test_augmented_finetuning_is_seeded_per_step_and_resumes_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % N_CLASSES
+    x = torch.randn(N_CLASSES, 1, 4, 4, generator=g)[y] + 0.3 * torch.randn(96, 1, 4, 4, generator=g)
+    xo = torch.rand(80, 1, 4, 4, generator=g) * 4 - 2
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, N_CLASSES))
+
+    kw = dict(epochs=3, id_batch_size=32, outlier_batch_size=40, lr=0.05, progress=False)
+    aug = RandomCropFlip(padding=1)
+    full = weights(finetune(model(), (x, y), xo, "energy", augment=aug, **kw))
+    plain = weights(finetune(model(), (x, y), xo, "energy", **kw))
+    assert not all(torch.equal(full[k], plain[k]) for k in full)  # the augmentation is applied
+    with pytest.raises(TrainingInterrupted):
+        finetune(model(), (x, y), xo, "energy", augment=aug, checkpoint_dir=tmp_path, **kw,
+                 on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s.step == 5 else None)
+    assert load_checkpoint(tmp_path).info["settings"]["augment"] == aug.config()
+    assert_same_weights(weights(finetune(model(), (x, y), xo, "energy", augment=aug, resume=tmp_path, **kw)), full)
+    with pytest.raises(ValueError, match="augment"):  # resuming without the augmentation changes the run
+        finetune(model(), (x, y), xo, "energy", resume=tmp_path, **kw)

@@ -37,10 +37,49 @@ def _load_model(spec: str, checkpoint: Optional[Path], num_classes: Optional[int
     return load_model(spec, checkpoint, **kwargs)
 
 
-def _open(spec: str, root: Optional[Path]):
+def _open(spec: str, root: Optional[Path], options: dict[str, Any] | None = None):
     from ..data import open_dataset
 
-    return open_dataset(spec, root=root)
+    return open_dataset(spec, root=root, **(options or {}))
+
+
+def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{name} must be comma-separated numbers (one per channel), got {text!r}")
+
+
+def _data_options(mean: Optional[str], std: Optional[str], image_size: Optional[int],
+                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """open_dataset keyword arguments: a preset's, overridden by the options given."""
+    opts = dict(defaults or {})
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    if (m is None) != (s is None) and "mean" not in opts:
+        fail("give --mean and --std together")
+    if m is not None:
+        opts["mean"] = m
+    if s is not None:
+        opts["std"] = s
+    if image_size is not None:
+        opts["image_size"] = image_size
+    return opts
+
+
+def _augmentation(augment: bool, data: dict[str, Any]):
+    from ..train import RandomCropFlip
+
+    if not augment:
+        return None
+    if "mean" in data:
+        return RandomCropFlip.for_normalized(data["mean"], data["std"], padding=4)
+    return RandomCropFlip(padding=4)
+
+
+_MEAN_HELP = "Normalise inputs as (x - mean) / std: per-channel values, comma-separated (e.g. 0.491,0.482,0.447)."
+_AUGMENT_HELP = "Random crops (4-pixel black padding) and horizontal flips of every batch (the CIFAR recipe)."
 
 
 def _check_output(path: Path) -> None:
@@ -94,6 +133,10 @@ def train_command(
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a built-in architecture."),
     validation: Optional[str] = typer.Option(None, "--validation", help="Labelled data whose accuracy is shown after each epoch."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder that holds named datasets (cifar10, svhn, ...)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help=_MEAN_HELP),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel standard deviations for --mean."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize and centre-crop images to this size."),
+    augment: bool = typer.Option(False, "--augment/--no-augment", help=_AUGMENT_HELP),
     epochs: int = typer.Option(100, "--epochs", help="Epochs."),
     lr: float = typer.Option(0.1, "--lr", help="Initial learning rate (cosine-annealed per step)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Samples per step."),
@@ -110,6 +153,7 @@ def train_command(
     from ..train import train_classifier
 
     _check_output(output)
+    data_opts = _data_options(mean, std, image_size)
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -118,10 +162,11 @@ def train_command(
     _run_training(
         train_classifier, output,
         {"command": "train", "model": model, "checkpoint": None if checkpoint is None else str(checkpoint), "data": data},
-        outliers=False, model=net, data=_open(data, root), epochs=epochs, lr=lr, batch_size=batch_size,
+        outliers=False, model=net, data=_open(data, root, data_opts), epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=_device(device),
         checkpoint_dir=checkpoint_dir, resume=resume, num_workers=num_workers, progress=progress,
-        validation=None if validation is None else _open(validation, root),
+        augment=_augmentation(augment, data_opts),
+        validation=None if validation is None else _open(validation, root, data_opts),
     )
 
 
@@ -146,6 +191,10 @@ def finetune_command(
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a built-in architecture."),
     validation: Optional[str] = typer.Option(None, "--validation", help="Labelled data whose accuracy is shown after each epoch."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder that holds named datasets (cifar10, svhn, ...)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help=_MEAN_HELP + " Default: the preset's."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel standard deviations for --mean."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize and centre-crop images to this size (default: the preset's)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help=_AUGMENT_HELP + " Default: the preset's."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default 10)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate, cosine-annealed per step to --lr-min (default 1e-3)."),
     lr_min: Optional[float] = typer.Option(None, "--lr-min", help="Final learning rate (default 1e-6)."),
@@ -179,7 +228,9 @@ def finetune_command(
     settings = {k: v for k, v in settings.items() if v is not None}
     dev = _device(device)
     net = _load_model(model, checkpoint, _pick(num_classes, p and p.num_classes))
-    id_set, outlier_set = _open(id_data, root), _open(outliers, root)
+    data_opts = _data_options(mean, std, image_size, p.data_options() if p is not None else None)
+    id_set, outlier_set = _open(id_data, root, data_opts), _open(outliers, root, data_opts)
+    augmentation = _augmentation(bool(p and p.augment) if augment is None else augment, data_opts)
 
     params: dict[str, Any] = p.loss_params(loss) if p is not None else {}
     if weight is not None:
@@ -201,5 +252,6 @@ def finetune_command(
          "id_data": id_data, "outlier_data": outliers, "preset": preset},
         outliers=True, model=net, id_data=id_set, outlier_data=outlier_set, loss=objective, seed=seed,
         device=dev, checkpoint_dir=checkpoint_dir, resume=resume, num_workers=num_workers, progress=progress,
-        validation=None if validation is None else _open(validation, root), **settings,
+        augment=augmentation, validation=None if validation is None else _open(validation, root, data_opts),
+        **settings,
     )

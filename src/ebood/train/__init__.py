@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from .augment import BatchAugment, RandomCropFlip
 from .checkpoint import load_checkpoint, load_weights, save_weights
 from .classifier import cross_entropy_loss, train_classifier
 from .finetune import finetune, make_loss
@@ -25,5 +26,5 @@ __all__ = [
     "suggest_margins", "margins_from_energies", "model_energies", "Margins",
     "StepInfo", "EpochMetrics", "NonFiniteLossError", "TrainingInterrupted", "cosine_factor",
     "save_weights", "load_weights", "load_checkpoint",
-    "FinetunePreset", "get_preset", "available_presets",
+    "FinetunePreset", "get_preset", "available_presets", "RandomCropFlip", "BatchAugment",
 ]

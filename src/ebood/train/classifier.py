@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from .augment import BatchAugment
 from .batches import LabelledSource, as_dataset
 from .loop import (EpochMetrics, Run, StepInfo, add_info, build_settings, describe_data, output_paths,
                    resolve_device, run, validation_source)
@@ -50,6 +51,7 @@ def train_classifier(
     info: dict[str, Any] | None = None,
     progress: bool = True,
     validation: Any = None,
+    augment: BatchAugment | None = None,
     num_workers: int = 0,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
@@ -78,8 +80,9 @@ def train_classifier(
     r = Run(
         model=model, loss_fn=cross_entropy_loss, optimizer=opt,
         id_source=LabelledSource(as_dataset(data, "data"), batch_size, seed, num_workers, "data"),
-        outlier_source=None, settings=add_info(settings, info), device=dev, progress=progress, on_step=on_step,
-        on_epoch=on_epoch, validation=validation_source(validation, batch_size, seed, num_workers),
+        outlier_source=None, settings=add_info(settings, info, augment), augment=augment, device=dev,
+        progress=progress, on_step=on_step, on_epoch=on_epoch,
+        validation=validation_source(validation, batch_size, seed, num_workers),
         **output_paths(checkpoint_dir, resume, output),
     )
     return run(r)

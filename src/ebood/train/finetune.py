@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from .augment import BatchAugment
 from .batches import LabelledSource, OutlierSource, as_dataset
 from .loop import (EpochMetrics, Run, StepInfo, add_info, build_settings, describe_data, output_paths,
                    resolve_device, run, validation_source)
@@ -59,6 +60,7 @@ def finetune(
     info: dict[str, Any] | None = None,
     progress: bool = True,
     validation: Any = None,
+    augment: BatchAugment | None = None,
     num_workers: int = 0,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
@@ -91,6 +93,8 @@ def finetune(
     info: JSON-able facts recorded with the settings (e.g. where the model and data came from).
     progress: show a progress bar (only when stderr is a terminal).
     validation: optional labelled data whose accuracy is recorded after each epoch.
+    augment: a batch augmentation applied to the ID and outlier batches of every step, e.g.
+        :class:`ebood.train.RandomCropFlip` (the paper's CIFAR recipe); seeded by ``(seed, step)``.
     on_step, on_epoch: callbacks receiving :class:`StepInfo` / :class:`EpochMetrics`.
 
     Raises
@@ -104,7 +108,7 @@ def finetune(
     if not callable(loss):
         raise TypeError(f"loss must be a loss object, a callable or 'energy' / 'oe', got {type(loss).__name__}")
     settings = build_settings("finetune", _loss_config(loss), epochs, lr, lr_min, momentum, nesterov, weight_decay,
-                         id_batch_size, outlier_batch_size, seed, "sgd")
+                              id_batch_size, outlier_batch_size, seed, "sgd")
     settings.update(model=type(model).__name__, id_data=describe_data(id_data),
                     outlier_data=describe_data(outlier_data))
     dev = resolve_device(model, device)
@@ -115,8 +119,8 @@ def finetune(
         id_source=LabelledSource(as_dataset(id_data, "id_data"), id_batch_size, seed, num_workers, "id_data"),
         outlier_source=OutlierSource(as_dataset(outlier_data, "outlier_data"), outlier_batch_size, seed,
                                      num_workers, "outlier_data"),
-        settings=add_info(settings, info), device=dev, progress=progress, on_step=on_step, on_epoch=on_epoch,
-        validation=validation_source(validation, id_batch_size, seed, num_workers),
+        settings=add_info(settings, info, augment), augment=augment, device=dev, progress=progress,
+        on_step=on_step, on_epoch=on_epoch, validation=validation_source(validation, id_batch_size, seed, num_workers),
         **output_paths(checkpoint_dir, resume, output),
     )
     return run(r)

@@ -28,10 +28,11 @@ from .losses import LossParts
 __all__ = ["StepInfo", "EpochMetrics", "NonFiniteLossError", "TrainingInterrupted", "cosine_factor", "run"]
 
 _MODEL_RNG_STREAM = 3
+_AUGMENT_ID_STREAM, _AUGMENT_OUTLIER_STREAM = 5, 6
 
 #: Settings that define a run: resuming with any of them changed is refused.
 RUN_DEFINING = ("kind", "loss", "epochs", "lr", "lr_min", "optimizer", "momentum", "nesterov",
-                "weight_decay", "id_batch_size", "outlier_batch_size", "seed")
+                "weight_decay", "id_batch_size", "outlier_batch_size", "seed", "augment")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -117,6 +118,7 @@ class Run:
     output: Path | None = None
     progress: bool = True
     validation: LabelledSource | None = None
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     on_step: Callable[[StepInfo], None] | None = None
     on_epoch: Callable[[EpochMetrics], None] | None = None
 
@@ -218,6 +220,16 @@ def _step_stats(parts: LossParts, in_logits: torch.Tensor, labels: torch.Tensor,
         return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).cpu().tolist()
 
 
+def _augmented(augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], x_in: torch.Tensor,
+               x_out: torch.Tensor | None, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both batches augmented with draws that depend only on ``(seed, step)`` (reproducible on resume)."""
+    def gen(stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(seed, stream, step))
+
+    x_in = augment(x_in, gen(_AUGMENT_ID_STREAM))
+    return x_in, (augment(x_out, gen(_AUGMENT_OUTLIER_STREAM)) if x_out is not None else None)
+
+
 def _snapshot_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     """Copies of the buffers (BatchNorm running statistics), which the forward pass updates in place."""
     return [b.detach().clone() for b in model.buffers()]
@@ -298,6 +310,8 @@ def _run(r: Run) -> torch.nn.Module:
                 for x_in, y_in in r.id_source.epoch(epoch - 1):
                     x_in, y_in = x_in.to(r.device, dtype, non_blocking=True), y_in.to(r.device, non_blocking=True)
                     x_out = next(outliers).to(r.device, dtype, non_blocking=True) if outliers is not None else None
+                    if r.augment is not None:
+                        x_in, x_out = _augmented(r.augment, x_in, x_out, int(s["seed"]), step)
                     x = torch.cat([x_in, x_out]) if x_out is not None else x_in
                     buffers = _snapshot_buffers(r.model)
                     logits = _logits(r.model, x)
@@ -407,8 +421,12 @@ def build_settings(kind: str, loss: dict[str, Any] | str, epochs: int, lr: float
     }
 
 
-def add_info(settings: dict[str, Any], info: dict[str, Any] | None) -> dict[str, Any]:
-    """``settings`` with the caller's JSON-able ``info`` (where the model and data came from) under ``"info"``."""
+def add_info(settings: dict[str, Any], info: dict[str, Any] | None, augment: Any = None) -> dict[str, Any]:
+    """``settings`` with the augmentation's settings under ``"augment"`` and the caller's JSON-able
+    ``info`` (where the model and data came from) under ``"info"``."""
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment must be callable as augment(batch, generator), got {type(augment).__name__}")
+    settings["augment"] = (augment.config() if hasattr(augment, "config") else repr(augment)) if augment else None
     if info:
         import json
 
