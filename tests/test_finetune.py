@@ -308,6 +308,8 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_used_folder(tmp_p
         finetune(tiny_model(), (x, y), outliers(), "energy", checkpoint_dir=tmp_path, **dict(FAST, epochs=1))
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         finetune(tiny_model(), (x, y), outliers(), "energy", resume=tmp_path / "nothing", **FAST)
+    with pytest.raises(ValueError, match="steps per epoch"):  # other ID data: the schedule would not match
+        finetune(tiny_model(), (x[:40], y[:40]), outliers(), "energy", resume=tmp_path, **dict(FAST, epochs=1))
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):

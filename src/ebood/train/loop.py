@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -269,101 +269,123 @@ def run(r: Run) -> torch.nn.Module:
         return _run(r)
 
 
-def _run(r: Run) -> torch.nn.Module:
-    s = r.settings
-    epochs, steps_per_epoch = int(s["epochs"]), len(r.id_source)
-    total_steps = epochs * steps_per_epoch
-    floor = float(s["lr_min"]) / float(s["lr"]) if s["lr"] > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lambda k: cosine_factor(k, total_steps, floor))
-    history: list[dict[str, Any]] = []
-    start_epoch, step, last_ckpt = 0, 0, None
-
-    if r.resume is not None:
-        ckpt = load_checkpoint(r.resume)
-        _check_resume(ckpt.info.get("settings", {}), s, ckpt.path)
-        r.model.load_state_dict(ckpt.model_state)
-        r.optimizer.load_state_dict(ckpt.optimizer_state)
-        scheduler.load_state_dict(ckpt.scheduler_state)
-        _set_rng_state(ckpt.rng, r.device)
-        start_epoch, step, last_ckpt = ckpt.epoch, ckpt.step, ckpt.path
-        history = list(ckpt.info.get("history", []))
-    else:
-        torch.manual_seed(derived_seed(int(s["seed"]), _MODEL_RNG_STREAM))
+def _resume(r: Run, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            steps_per_epoch: int) -> tuple[int, int, Path | None, list[dict[str, Any]]]:
+    """Seed a fresh run, or restore a checkpoint; returns (epoch, step, checkpoint, history)."""
+    if r.resume is None:
+        torch.manual_seed(derived_seed(int(r.settings["seed"]), _MODEL_RNG_STREAM))
         if r.checkpoint_dir is not None and list_checkpoints(r.checkpoint_dir):
             raise FileExistsError(
                 f"{r.checkpoint_dir} already holds checkpoints ({list_checkpoints(r.checkpoint_dir)[-1].name}); "
                 f"resume from them or choose an empty folder"
             )
+        return 0, 0, None, []
+    ckpt = load_checkpoint(r.resume)
+    _check_resume(ckpt.info.get("settings", {}), r.settings, ckpt.path)
+    if ckpt.step != ckpt.epoch * steps_per_epoch:
+        raise ValueError(
+            f"cannot resume from {ckpt.path}: it is at step {ckpt.step} after {ckpt.epoch} epochs, but the ID data "
+            f"now give {steps_per_epoch} steps per epoch (different data or batch size)"
+        )
+    r.model.load_state_dict(ckpt.model_state)
+    r.optimizer.load_state_dict(ckpt.optimizer_state)
+    scheduler.load_state_dict(ckpt.scheduler_state)
+    _set_rng_state(ckpt.rng, r.device)
+    return ckpt.epoch, ckpt.step, ckpt.path, list(ckpt.info.get("history", []))
 
+
+@dataclass
+class _Position:
+    """Where the run is: for messages on interruption or a non-finite loss."""
+
+    epoch: int
+    step: int
+    in_epoch: int = 0
+    checkpoint: Path | None = None
+
+
+def _train_step(r: Run, x_in: torch.Tensor, y_in: torch.Tensor, x_out: torch.Tensor | None,
+                pos: _Position) -> list[float]:
+    """One optimisation step on the concatenated batch; returns the step's statistics (``_STAT_NAMES``)."""
+    if r.augment is not None:
+        x_in, x_out = _augmented(r.augment, x_in, x_out, int(r.settings["seed"]), pos.step)
+    x = torch.cat([x_in, x_out]) if x_out is not None else x_in
+    buffers = _snapshot_buffers(r.model)
+    logits = _logits(r.model, x)
+    in_logits = logits[: x_in.shape[0]]
+    out_logits = logits[x_in.shape[0]:] if x_out is not None else None
+    parts = r.loss_fn(in_logits, y_in, out_logits)
+    stats = _step_stats(parts, in_logits, y_in, out_logits)
+    if not math.isfinite(stats[0]):
+        _restore_buffers(r.model, buffers)
+        raise _non_finite(stats, pos, r.checkpoint_dir)
+    r.optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    r.optimizer.step()
+    return stats
+
+
+def _run(r: Run) -> torch.nn.Module:
+    s = r.settings
+    epochs, steps_per_epoch = int(s["epochs"]), len(r.id_source)
+    total_steps = epochs * steps_per_epoch
+    floor = float(s["lr_min"]) / float(s["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lambda k: cosine_factor(k, total_steps, floor))
+    start_epoch, step, last_ckpt, history = _resume(r, scheduler, steps_per_epoch)
+    pos = _Position(start_epoch, step, 0, last_ckpt)
     dtype = _input_dtype(r.model)
-    outliers: Iterator[torch.Tensor] | None = None
-    if r.outlier_source is not None:
-        outliers = r.outlier_source.stream(start_batch=step)
-    epoch, in_epoch = start_epoch, 0
+    outliers = r.outlier_source.stream(start_batch=step) if r.outlier_source is not None else None
     r.model.train()
     try:
         with _Bar(r.progress, epochs, steps_per_epoch) as bar:
             for epoch in range(start_epoch + 1, epochs + 1):
                 bar.new_epoch(epoch)
-                started, sums, in_epoch = time.perf_counter(), [0.0] * len(_STAT_NAMES), 0
+                pos.epoch, pos.in_epoch = epoch, 0
+                started, sums = time.perf_counter(), [0.0] * len(_STAT_NAMES)
                 lr = r.optimizer.param_groups[0]["lr"]
                 for x_in, y_in in r.id_source.epoch(epoch - 1):
                     x_in, y_in = x_in.to(r.device, dtype, non_blocking=True), y_in.to(r.device, non_blocking=True)
                     x_out = next(outliers).to(r.device, dtype, non_blocking=True) if outliers is not None else None
-                    if r.augment is not None:
-                        x_in, x_out = _augmented(r.augment, x_in, x_out, int(s["seed"]), step)
-                    x = torch.cat([x_in, x_out]) if x_out is not None else x_in
-                    buffers = _snapshot_buffers(r.model)
-                    logits = _logits(r.model, x)
-                    in_logits = logits[: x_in.shape[0]]
-                    out_logits = logits[x_in.shape[0]:] if x_out is not None else None
-                    parts = r.loss_fn(in_logits, y_in, out_logits)
-                    stats = _step_stats(parts, in_logits, y_in, out_logits)
-                    if not math.isfinite(stats[0]):
-                        _restore_buffers(r.model, buffers)
-                        raise _non_finite(stats, epoch, step + 1, in_epoch + 1, last_ckpt, r.checkpoint_dir)
-                    r.optimizer.zero_grad(set_to_none=True)
-                    parts.total.backward()
-                    r.optimizer.step()
                     lr = r.optimizer.param_groups[0]["lr"]
+                    stats = _train_step(r, x_in, y_in, x_out, pos)
                     scheduler.step()
-                    step, in_epoch = step + 1, in_epoch + 1
+                    pos.step, pos.in_epoch = pos.step + 1, pos.in_epoch + 1
                     sums = [a + b for a, b in zip(sums, stats)]
-                    means = {k: v / in_epoch for k, v in zip(_STAT_NAMES, sums)}
-                    bar.update(means, outliers is not None)
+                    bar.update({k: v / pos.in_epoch for k, v in zip(_STAT_NAMES, sums)}, outliers is not None)
                     if r.on_step is not None:
-                        r.on_step(StepInfo(epoch, step, *stats[:6], lr=lr))
+                        r.on_step(StepInfo(epoch, pos.step, *stats[:6], lr=lr))
                 metrics = EpochMetrics(
-                    epoch=epoch, step=step, **{k: v / max(in_epoch, 1) for k, v in zip(_STAT_NAMES, sums)},
+                    epoch=epoch, step=pos.step, **{k: v / max(pos.in_epoch, 1) for k, v in zip(_STAT_NAMES, sums)},
                     val_accuracy=_accuracy(r.model, r.validation, r.device) if r.validation is not None else None,
                     lr=lr, seconds=time.perf_counter() - started,
                 )
                 history.append(asdict(metrics))
                 if r.checkpoint_dir is not None:
-                    info = {"settings": s, "epoch": epoch, "step": step, "history": history}
-                    last_ckpt = save_checkpoint(r.checkpoint_dir, epoch, r.model, r.optimizer,
-                                                scheduler.state_dict(), _rng_state(r.device), info)
+                    info = {"settings": s, "epoch": epoch, "step": pos.step, "history": history}
+                    pos.checkpoint = save_checkpoint(r.checkpoint_dir, epoch, r.model, r.optimizer,
+                                                     scheduler.state_dict(), _rng_state(r.device), info)
                 if r.on_epoch is not None:
                     r.on_epoch(metrics)
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
-        where = f"last checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        where = f"last checkpoint: {pos.checkpoint}" if pos.checkpoint else "no checkpoint was written"
         raise TrainingInterrupted(
-            f"training interrupted in epoch {epoch}, after {step} steps ({in_epoch} of this epoch); {where}",
-            epoch, step, last_ckpt,
+            f"training interrupted in epoch {pos.epoch}, after {pos.step} steps ({pos.in_epoch} of this epoch); "
+            f"{where}", pos.epoch, pos.step, pos.checkpoint,
         ) from None
     r.model.eval()
     if r.output is not None:
-        save_weights(r.model, r.output, {"training": {"settings": s, "epoch": epoch, "step": step, "history": history}})
+        record = {"settings": s, "epoch": pos.epoch, "step": pos.step, "history": history}
+        save_weights(r.model, r.output, {"training": record})
     return r.model
 
 
-def _non_finite(stats: list[float], epoch: int, step: int, in_epoch: int, last_ckpt: Path | None,
-                folder: Path | None) -> NonFiniteLossError:
+def _non_finite(stats: list[float], pos: _Position, folder: Path | None) -> NonFiniteLossError:
     parts = ", ".join(f"{k}={v:.6g}" for k, v in zip(_STAT_NAMES[:4], stats[:4]))
-    if last_ckpt is not None:
-        where = f"the last good checkpoint is {last_ckpt}"
+    epoch, step, in_epoch = pos.epoch, pos.step + 1, pos.in_epoch + 1
+    if pos.checkpoint is not None:
+        where = f"the last good checkpoint is {pos.checkpoint}"
     elif folder is not None:
         where = "no checkpoint had been written yet"
     else:
@@ -371,7 +393,7 @@ def _non_finite(stats: list[float], epoch: int, step: int, in_epoch: int, last_c
     return NonFiniteLossError(
         f"non-finite loss at step {step} (epoch {epoch}, step {in_epoch} of the epoch): {parts}; training "
         f"stopped before applying it; {where}. Try a lower learning rate or check the inputs for NaN/inf.",
-        epoch, step, last_ckpt,
+        epoch, step, pos.checkpoint,
     )
 
 
