@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ..metrics import METRIC_NAMES
 from ..tables import best_mask, metric_label, percent
