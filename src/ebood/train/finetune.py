@@ -35,7 +35,10 @@ def make_loss(name: str, **params: Any) -> EnergyBoundedLoss | OutlierExposureLo
 
 
 def _loss_config(loss: Any) -> dict[str, Any] | str:
-    return loss.config() if hasattr(loss, "config") else repr(loss)
+    """The loss's settings for the run record (a custom callable is named, without its address)."""
+    if hasattr(loss, "config"):
+        return loss.config()
+    return getattr(loss, "__qualname__", type(loss).__qualname__)
 
 
 def finetune(
