@@ -1,7 +1,7 @@
 """ebood.scores against independent float64 references (scipy / mpmath), on both code paths.
 
 Every numerical test runs on each implementation: the native kernel with the variant the CPU
-selected (AVX2+FMA here), the native kernel's portable scalar variant (what aarch64 runs), and the
+selected (AVX2+FMA here), the native kernel's portable variant (what aarch64 runs), and the
 chunked torch path (the kernel switched off by monkeypatching ``scores.scores_kernel``). Native
 runs are skipped where the kernel was not built.
 """
@@ -32,7 +32,7 @@ SCORE_KEYS = ("energy", "msp", "max_logit", "entropy", "prediction")
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=["native", "native-scalar", "torch"])
+@pytest.fixture(params=["native", "native-portable", "torch"])
 def path(request, monkeypatch):
     """Which implementation ebood.scores uses in this test."""
     if request.param == "torch":
@@ -44,7 +44,7 @@ def path(request, monkeypatch):
     if request.param == "native":
         yield request.param
         return
-    best = scores_kernel.set_isa("scalar")
+    best = scores_kernel.set_isa("portable")
     try:
         yield request.param
     finally:
@@ -397,7 +397,7 @@ def test_native_kernel_is_built_where_a_compiler_exists():
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}): the optional extension is legitimately missing")
     assert scores_kernel is not None, "setup.py should have built ebood._native._scores (pip install -e . again)"
-    assert scores_kernel.isa in ("avx2+fma", "scalar")
+    assert scores_kernel.isa in ("avx2+fma", "portable")
 
 
 @pytest.mark.skipif(scores_kernel is None, reason="native kernel not built")
@@ -406,7 +406,7 @@ def test_native_kernel_rejects_invalid_arguments():
         scores_kernel.row_scores(0, 7, 1, 1, 1, 1.0, True, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="not available"):
         scores_kernel.set_isa("no-such-isa")
-    assert scores_kernel.isa in ("avx2+fma", "scalar")
+    assert scores_kernel.isa in ("avx2+fma", "portable")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -3,7 +3,7 @@
 ``scores_kernel`` is the compiled module ``ebood._native._scores``, or ``None`` when it was not
 built (no C compiler at install time) or when the environment variable ``EBOOD_NO_NATIVE=1`` asks
 for the pure-torch code paths (tests use it to cover both). ``scores_kernel_isa`` names the
-instruction set the kernel selected at run time (``"avx2+fma"`` or ``"scalar"``), or ``None``.
+instruction set the kernel selected at run time (``"avx2+fma"`` or ``"portable"``), or ``None``.
 """
 
 from __future__ import annotations

@@ -12,14 +12,14 @@
  * A row is read in blocks of BLOCK values that stay in L1: first the block max (from memory),
  * then the exponential sums (from L1) relative to the running max; when a later block raises the
  * max, the running sums are rescaled once (the online normaliser of Milakov & Gimelshein, 2018).
- * Block sums are float32 in vector lanes (double in the scalar variant), row sums double. Entries equal to the running max
+ * Block sums are float32 in vector lanes (double in the plain-loop fallback), row sums double. Entries equal to the running max
  * contribute exactly 1; they are counted, not summed, so that the float32 block sums only hold the
  * small terms and confident rows keep full relative precision in their entropy.
  *
  * Rows whose max is not finite (a NaN, a +inf, or all -inf) take an exact scalar path.
  *
- * The AVX2+FMA(+F16C) variant is chosen at run time; a portable scalar variant serves every other
- * CPU. Plain C99 + the CPython API: no torch headers, nothing but setuptools to build.
+ * The AVX2+FMA(+F16C) variant is chosen at run time; a portable variant (GCC/Clang vector
+ * extensions, plain loops elsewhere) serves every other CPU. Plain C99 + the CPython API: no torch headers, nothing but setuptools to build.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -69,7 +69,7 @@ typedef struct {
     const char *name;
 } kernel_ops;
 
-/* ---------------------------------------------------------------- portable scalar variant ---- */
+/* ---------------------------------------------------------------- portable variant ---------- */
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -102,19 +102,126 @@ static void bf16_to_float_scalar(const uint16_t *src, int64_t n, float *dst) {
     for (int64_t i = 0; i < n; i++) dst[i] = bfloat16_to_float(src[i]);
 }
 
+static int64_t first_index_scalar(const float *p, int64_t n, float v) {
+    for (int64_t i = 0; i < n; i++)
+        if (p[i] == v) return i;
+    return 0;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+/* GCC/Clang vector extensions: 4-float vectors, which every SIMD target has natively (SSE2 on
+ * baseline x86-64, NEON on aarch64, ...); two of them per step, 8 lanes as in the AVX2 variant. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f v4_splat(float v) { return (v4f){v, v, v, v}; }
+static inline v4f v4_load(const float *p) {
+    v4f v;
+    memcpy(&v, p, sizeof v); /* unaligned load */
+    return v;
+}
+static inline v4f v4_select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
+
 /* exp(x) for x in [EXP_CLAMP, 0] (callers clamp; NaN never reaches it). */
+static inline v4f v4_exp(v4f x) {
+    const v4f round_magic = v4_splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v4f n = (x * v4_splat(LOG2E) + round_magic) - round_magic;
+    v4f r = (x - n * v4_splat(LN2_HI)) - n * v4_splat(LN2_LO);
+    v4f p = v4_splat(C6) * r + v4_splat(C5);
+    p = p * r + v4_splat(C4);
+    p = p * r + v4_splat(C3);
+    p = p * r + v4_splat(C2);
+    v4f y = (p * (r * r) + r) + v4_splat(1.0f);
+    v4i bits = (__builtin_convertvector(n, v4i) + 127) << 23; /* 2^n for n in [-126, 0]; 0 at -127 */
+    return y * (v4f)bits;
+}
+
+static float max_portable(const float *p, int64_t n, int *has_nan) {
+    v4f m0 = v4_splat(-INFINITY), m1 = m0;
+    v4i nan_any = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v4f a = v4_load(p + i), b = v4_load(p + i + 4);
+        nan_any |= (a != a) | (b != b);
+        m0 = v4_select(a > m0, a, m0);
+        m1 = v4_select(b > m1, b, m1);
+    }
+    float best = -INFINITY;
+    int any_nan = 0;
+    for (int l = 0; l < 4; l++) {
+        any_nan |= nan_any[l] != 0;
+        best = m0[l] > best ? m0[l] : best;
+        best = m1[l] > best ? m1[l] : best;
+    }
+    for (; i < n; i++) {
+        any_nan |= p[i] != p[i];
+        best = p[i] > best ? p[i] : best;
+    }
+    *has_nan = any_nan;
+    return best;
+}
+
+typedef struct {
+    v4f r_t, r_1, t_1;
+    v4i ties;
+} v4_sums;
+
+static inline void v4_accumulate(v4f z, v4f m, v4f inv_t, const int mode, v4_sums *acc) {
+    const v4f lo = v4_splat(EXP_CLAMP), zero = v4_splat(0.0f);
+    v4f d = z - m;
+    v4i tie = d == zero; /* the max itself: counted, exactly 1 in every sum */
+    acc->ties -= tie;
+    if (mode != MODE_T_ONLY) {
+        v4f dc = v4_select(d > lo, d, lo);
+        v4f e = v4_select(tie, zero, v4_exp(dc));
+        acc->r_1 += e;
+        acc->t_1 += e * dc;
+    }
+    if (mode != MODE_T1) {
+        v4f u = d * inv_t;
+        acc->r_t += v4_select(tie, zero, v4_exp(v4_select(u > lo, u, lo)));
+    }
+}
+
+static inline void sums_portable_impl(const float *p, int64_t n, float m_scalar, float inv_t_scalar, const int mode,
+                                      block_sums *out) {
+    const v4f m = v4_splat(m_scalar), inv_t = v4_splat(inv_t_scalar), zero = v4_splat(0.0f);
+    v4_sums a = {zero, zero, zero, {0, 0, 0, 0}}, b = a;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v4_accumulate(v4_load(p + i), m, inv_t, mode, &a);
+        v4_accumulate(v4_load(p + i + 4), m, inv_t, mode, &b);
+    }
+    if (i < n) { /* tail: pad with -inf, which contributes exactly 0 */
+        float tail[8];
+        for (int l = 0; l < 8; l++) tail[l] = i + l < n ? p[i + l] : -INFINITY;
+        v4_accumulate(v4_load(tail), m, inv_t, mode, &a);
+        v4_accumulate(v4_load(tail + 4), m, inv_t, mode, &b);
+    }
+    out->r_t = out->r_1 = out->t_1 = 0.0;
+    out->ties = 0;
+    for (int l = 0; l < 4; l++) {
+        out->r_t += (double)a.r_t[l] + b.r_t[l];
+        out->r_1 += (double)a.r_1[l] + b.r_1[l];
+        out->t_1 += (double)a.t_1[l] + b.t_1[l];
+        out->ties += (int64_t)a.ties[l] + b.ties[l];
+    }
+}
+
+#else /* other compilers: plain loops with double sums */
+
 static inline float exp_scalar(float x) {
     float n = floorf(x * LOG2E + 0.5f);
     float r = (x - n * LN2_HI) - n * LN2_LO;
     float p = ((((C6 * r + C5) * r + C4) * r + C3) * r + C2);
     float y = (p * (r * r) + r) + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-127, 0]: 2^n, or 0 at -127 */
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
 }
 
-static float max_scalar(const float *p, int64_t n, int *has_nan) {
+static float max_portable(const float *p, int64_t n, int *has_nan) {
     float m = -INFINITY;
     int nan_seen = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -125,24 +232,17 @@ static float max_scalar(const float *p, int64_t n, int *has_nan) {
     return m;
 }
 
-static int64_t first_index_scalar(const float *p, int64_t n, float v) {
-    for (int64_t i = 0; i < n; i++)
-        if (p[i] == v) return i;
-    return 0;
-}
-
-static void sums_scalar(const float *p, int64_t n, float m, float inv_t, int mode, int with_ties, block_sums *out) {
-    double r_t = 0.0, r_1 = 0.0, t_1 = 0.0; /* sequential sums: double keeps them exact enough */
+static inline void sums_portable_impl(const float *p, int64_t n, float m, float inv_t, const int mode, block_sums *out) {
+    double r_t = 0.0, r_1 = 0.0, t_1 = 0.0;
     int64_t ties = 0;
-    (void)with_ties;
     for (int64_t i = 0; i < n; i++) {
         float d = p[i] - m;
-        if (d == 0.0f) { /* the max itself (or a tie): exactly 1 in every sum */
+        if (d == 0.0f) { /* the max itself: counted, exactly 1 in every sum */
             ties++;
             continue;
         }
-        float dc = d > EXP_CLAMP ? d : EXP_CLAMP;
         if (mode != MODE_T_ONLY) {
+            float dc = d > EXP_CLAMP ? d : EXP_CLAMP;
             float e = exp_scalar(dc);
             r_1 += e;
             t_1 += e * dc;
@@ -157,9 +257,17 @@ static void sums_scalar(const float *p, int64_t n, float m, float inv_t, int mod
     out->t_1 = t_1;
     out->ties = ties;
 }
+#endif
 
-static const kernel_ops scalar_ops = {f16_to_float_scalar, bf16_to_float_scalar, max_scalar,
-                                      first_index_scalar,  sums_scalar,          "scalar"};
+static void sums_portable(const float *p, int64_t n, float m, float inv_t, int mode, int with_ties, block_sums *out) {
+    (void)with_ties; /* blocks without the max have no d == 0: the tie test is then a no-op */
+    if (mode == MODE_T1) sums_portable_impl(p, n, m, inv_t, MODE_T1, out);
+    else if (mode == MODE_T_ENTROPY) sums_portable_impl(p, n, m, inv_t, MODE_T_ENTROPY, out);
+    else sums_portable_impl(p, n, m, inv_t, MODE_T_ONLY, out);
+}
+
+static const kernel_ops portable_ops = {f16_to_float_scalar, bf16_to_float_scalar, max_portable,
+                                        first_index_scalar,  sums_portable,        "portable"};
 
 /* ---------------------------------------------------------------- AVX2 + FMA variant ---------- */
 #ifdef EBOOD_X86
@@ -311,7 +419,7 @@ AVX2 static void sums_avx2(const float *p, int64_t n, float m, float inv_t, int 
 static kernel_ops avx2_ops = {f16_to_float_scalar, bf16_to_float_avx2, max_avx2, first_index_avx2, sums_avx2, "avx2+fma"};
 #endif /* EBOOD_X86 */
 
-static const kernel_ops *active_ops = &scalar_ops;
+static const kernel_ops *active_ops = &portable_ops;
 
 static void select_ops(void) {
 #ifdef EBOOD_X86
@@ -452,13 +560,13 @@ static PyObject *py_row_scores(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Test hook: switch the instruction-set variant ("scalar", or "avx2+fma" where the CPU has it). */
+/* Test hook: switch the variant ("portable", or "avx2+fma" where the CPU has it). */
 static PyObject *py_set_isa(PyObject *self, PyObject *args) { /* self: this module */
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
     const kernel_ops *previous = active_ops;
-    if (strcmp(name, "scalar") == 0) {
-        active_ops = &scalar_ops;
+    if (strcmp(name, "portable") == 0) {
+        active_ops = &portable_ops;
     } else {
         select_ops();
         if (strcmp(name, active_ops->name) != 0) {
@@ -473,7 +581,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) { /* self: this modu
 
 static PyMethodDef methods[] = {
     {"set_isa", py_set_isa, METH_VARARGS,
-     "set_isa(name) -> previous name. Test hook: use the 'scalar' variant or the best one ('avx2+fma')."},
+     "set_isa(name) -> previous name. Test hook: use the 'portable' variant or the best one ('avx2+fma')."},
     {"row_scores", py_row_scores, METH_VARARGS,
      "row_scores(x_ptr, dtype, rows, cols, row_stride, temperature, want_entropy, energy_ptr, msp_ptr, "
      "max_logit_ptr, entropy_ptr, prediction_ptr)\n\n"
