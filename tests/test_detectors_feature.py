@@ -429,6 +429,28 @@ def test_knn_distance_has_no_cancellation_for_near_duplicates(k):
     np.testing.assert_allclose(ours.double().numpy(), ref, rtol=1e-5)
 
 
+def test_knn_resolves_ties_in_similarity_by_exact_distance():
+    # 200 bank rows at angles 1e-3 * (1 + j/200) from the query: in float32 their similarities
+    # cos(angle) all round to the same few values, their distances (about the angle) do not
+    g = torch.Generator().manual_seed(4)
+    d = 24
+    query = torch.zeros(d, dtype=torch.float64)
+    query[0] = 1.0
+    angles = 1e-3 * (1 + torch.randperm(200, generator=g).double() / 200)
+    others = torch.randn(200, d, generator=g, dtype=torch.float64)
+    others[:, 0] = 0
+    others = others / others.norm(dim=1, keepdim=True)
+    near = torch.cos(angles)[:, None] * query + torch.sin(angles)[:, None] * others
+    far = torch.randn(100, d, generator=g, dtype=torch.float64)
+    bank = torch.cat([near, far]).float()
+    for k in (1, 50, 150):
+        det = detectors.create("knn", k=k).fit(ebood.Outputs(features=bank))
+        ours = det.score(ebood.Outputs(features=query[None].float()))
+        ref = np.sort(np.linalg.norm(np64(det.bank_) - np64(query), axis=1))[k - 1]
+        assert float(ours[0]) == pytest.approx(ref, rel=1e-5)
+        assert float(ours[0]) == pytest.approx(float(torch.sort(angles).values[k - 1]), rel=2e-3)
+
+
 # ----- degenerate data ---------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import math
 import warnings
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..scores import CHUNK_BYTES
@@ -49,7 +50,12 @@ SEARCH_CHUNK_BYTES = 512 * 2**20
 # ----- small checks ------------------------------------------------------------------------------
 
 
-def row_slices(n: int, bytes_per_row: int, budget: int = CHUNK_BYTES) -> Iterator[slice]:
+#: Default budget of the temporaries of one chunk of rows. Below glibc's largest mmap threshold
+#: (32 MiB), so that freed chunks are reused instead of being mapped (and page-faulted) afresh.
+WORK_BYTES = min(CHUNK_BYTES, 16 * 2**20)
+
+
+def row_slices(n: int, bytes_per_row: int, budget: int = WORK_BYTES) -> Iterator[slice]:
     """Consecutive row slices whose temporaries (``bytes_per_row`` each) stay within ``budget``."""
     rows = max(1, budget // max(1, bytes_per_row))
     for start in range(0, n, rows):
@@ -58,6 +64,11 @@ def row_slices(n: int, bytes_per_row: int, budget: int = CHUNK_BYTES) -> Iterato
 
 def check_finite(x: torch.Tensor, what: str, detector: str) -> None:
     """A ValueError naming the rows when ``x`` holds NaN or inf."""
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x)  # one read, no temporary; NaN propagates
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(bad.shape[0], -1).any(dim=1) if x.ndim > 1 else bad
@@ -79,6 +90,21 @@ def check_labels(labels: torch.Tensor, num_classes: int | None, detector: str) -
         raise ValueError(f"detector {detector!r}: labels must be {allowed}; got label(s) {shown} in {int(bad.sum())} sample(s)")
 
 
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64. On the CPU through numpy: its single-threaded cast is memory-bound and
+    does not stall behind busy cores the way a threaded torch cast does."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16) and not x.requires_grad:
+        return torch.from_numpy(x.numpy().astype(np.float64))
+    return x.to(torch.float64)
+
+
+def column_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(0)`` accumulated in float64 (numpy on the CPU, for the reason of :func:`as_float64`)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(np.add.reduce(x.numpy(), axis=0, dtype=np.float64))
+    return x.sum(dim=0, dtype=torch.float64)
+
+
 # ----- streaming class-conditional moments -------------------------------------------------------
 
 ClassMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -96,11 +122,11 @@ def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, devic
     sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
     chunks = list(row_slices(x.shape[0], 3 * d * 8))
     for rows in chunks:
-        sums.index_put_((labels[rows],), x[rows].to(torch.float64), accumulate=True)  # index_add_ is slow on CPU
+        sums.index_put_((labels[rows],), as_float64(x[rows]), accumulate=True)  # index_add_ is slow on CPU
     means = sums / counts.clamp_min(1.0)[:, None]
     scatter = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for rows in chunks:
-        centred = x[rows].to(torch.float64) - means[labels[rows]]
+        centred = as_float64(x[rows]).sub_(means[labels[rows]])
         scatter.addmm_(centred.T, centred)
     return counts.to(device), means.to(device), scatter.to(device)
 
@@ -171,23 +197,35 @@ def inverse_sqrt(cov: torch.Tensor, detector: str, what: str = "covariance") -> 
     return vecs[:, keep] / torch.sqrt(vals[keep])
 
 
-def nearest_whitened(y: torch.Tensor, class_centres: torch.Tensor, candidates: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_whitened(y: torch.Tensor, class_centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``min_c ||y - m_c||^2`` and its argmin, for whitened rows ``y`` (n, r) and whitened class
     means ``m_c`` (K, r).
 
-    The expanded form ``||m_c||^2 - 2 y.m_c`` (one matrix product with K columns) ranks the
-    classes; it cancels when ``||y||`` and ``||m_c||`` are large against their distance, so the
-    ``candidates`` best classes are recomputed as ``||y - m_c||^2`` and the least is kept.
+    The expanded form ``||y||^2 - 2 y.m_c + ||m_c||^2`` (one matrix product with K columns)
+    ranks the classes but cancels when ``||y||`` and ``||m_c||`` are large against their distance.
+    So the distance to the best class is recomputed as ``||y - m_c||^2``; where the runner-up is
+    within twice the rounding bound ``4 r eps (||y||^2 + max_c ||m_c||^2)`` of the best, the ranking
+    itself is uncertain and every class within that margin is recomputed the same way.
     """
+    n, r = y.shape
     if class_centres.shape[0] == 1:
-        return (y - class_centres[0]).square().sum(dim=1), torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
-    k = min(candidates, class_centres.shape[0])
+        return torch.linalg.vector_norm(y - class_centres[0], dim=1).square(), torch.zeros(n, dtype=torch.long, device=y.device)
     centre_sq = class_centres.square().sum(dim=1)
-    approx = torch.addmm(centre_sq, y, class_centres.T, alpha=-2.0)
-    cand = torch.topk(approx, k, dim=1, largest=False, sorted=False).indices
-    exact = (y[:, None, :] - class_centres[cand]).square().sum(dim=2)
-    best, at = exact.min(dim=1)
-    return best, cand.gather(1, at[:, None])[:, 0]
+    approx = torch.addmm(centre_sq, y, class_centres.T, alpha=-2.0)  # ||m_c||^2 - 2 y.m_c
+    top2, idx2 = torch.topk(approx, 2, dim=1, largest=False)
+    best = idx2[:, 0].clone()
+    dist = torch.linalg.vector_norm(y - class_centres[best], dim=1).square()
+    y_sq = (dist - top2[:, 0]).abs()  # ||y||^2, up to rounding
+    margin = 8 * r * torch.finfo(y.dtype).eps * (y_sq + centre_sq.max())
+    unsure = torch.nonzero(top2[:, 1] - top2[:, 0] <= margin)[:, 0]
+    if unsure.numel():
+        near = approx[unsure] <= (top2[unsure, :1] + margin[unsure, None])
+        for i, row in zip(unsure.tolist(), near):
+            cand = torch.nonzero(row)[:, 0]
+            exact = torch.linalg.vector_norm(y[i] - class_centres[cand], dim=1).square()
+            j = int(exact.argmin())
+            dist[i], best[i] = exact[j], cand[j]
+    return dist, best
 
 
 # ----- neighbour search -------------------------------------------------------------------------
@@ -213,9 +251,11 @@ WINDOW = 4
 
 
 def similarity_error(dim: int, dtype: torch.dtype) -> float:
-    """A bound on the rounding error of an inner product of two unit vectors of ``dim`` entries
-    computed in ``dtype`` (``dim * eps``, plus the deviation of their norms from 1)."""
-    return (dim + 4) * torch.finfo(dtype).eps
+    """Rounding margin of an inner product of two unit vectors of ``dim`` entries computed in
+    ``dtype``: ``4 sqrt(dim) eps``, four times the typical error of a sum of ``dim`` rounded
+    products (the worst case ``dim * eps`` is never approached by blocked FMA products), which also
+    covers the deviation of the normalised rows' norms from 1."""
+    return 4 * math.sqrt(dim) * torch.finfo(dtype).eps
 
 
 def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -223,32 +263,33 @@ def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) ->
 
     On unit vectors ``||a - b||^2 = 2 - 2 a.b``: the nearest rows are those of largest inner
     product, found with one chunked matrix product and ``torch.topk``. ``2 - 2 a.b`` cancels for
-    close neighbours, so the distance is recomputed from difference vectors for the candidates of
-    rank ``k - WINDOW .. k + WINDOW``. That window decides the k-th neighbour whenever the
-    similarity gaps at its edges exceed twice the rounding bound of :func:`similarity_error`
-    (then no row outside the window can swap with one inside); rows where a gap is smaller get all
-    their candidates, or the whole bank, recomputed.
+    close neighbours, so distances are recomputed from difference vectors: for the candidates of
+    rank ``k - WINDOW .. k + WINDOW`` when the similarity gaps at both edges of that window exceed
+    twice the rounding margin ``eps`` of :func:`similarity_error` (no row outside can then swap
+    with one inside); otherwise for every row whose similarity is within ``2 eps`` of the k-th
+    largest (a set that surely holds the k nearest rows).
     """
     n_bank = bank.shape[0]
     lo = max(0, k - 1 - WINDOW)
-    kk = min(n_bank, k + WINDOW + 1)  # ranks 0..kk-1; the window is lo..kk-2 and rank kk-1 bounds it
+    kk = min(n_bank, k + WINDOW + 1)  # ranks 0..kk-1; the window is lo..hi-1
+    hi = kk - 1 if kk < n_bank else kk
     eps2 = 2 * similarity_error(bank.shape[1], queries.dtype)
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    for rows, values, index in _similarity_chunks(queries, bank, kk, sort=True):
+    bank_t = bank.T
+    for rows in row_slices(queries.shape[0], n_bank * queries.element_size(), SEARCH_CHUNK_BYTES):
         q = queries[rows]
-        if kk < n_bank:
-            hi = kk - 1  # window end (exclusive): ranks lo..kk-2
-            safe = values[:, hi - 1] - values[:, hi] > eps2
-        else:
-            hi = kk
-            safe = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+        sim = q @ bank_t
+        values, index = torch.topk(sim, kk, dim=1)
+        safe = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        if hi < kk:
+            safe &= values[:, hi - 1] - values[:, hi] > eps2
         if lo > 0:
             safe &= values[:, lo - 1] - values[:, lo] > eps2
-        dist = _distances(q, bank, index[:, lo:hi])
-        result = torch.kthvalue(dist, k - lo, dim=1).values
+        result = torch.kthvalue(_distances(q, bank, index[:, lo:hi]), k - lo, dim=1).values
         unsafe = torch.nonzero(~safe)[:, 0]
         if unsafe.numel():
-            result[unsafe] = _kth_by_full_candidates(q[unsafe], bank, values[unsafe], index[unsafe], k, eps2)
+            result[unsafe] = _kth_within_margin(q[unsafe], sim[unsafe], bank, values[unsafe, k - 1] - eps2, k)
+        del sim
         out[rows] = result
     return out
 
@@ -262,16 +303,15 @@ def _distances(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -
     return dist
 
 
-def _kth_by_full_candidates(q: torch.Tensor, bank: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int, eps2: float) -> torch.Tensor:
-    """k-th distance for rows whose window was not conclusive: every candidate recomputed, and
-    the whole bank where even the last candidate is too close to the k-th to be excluded."""
-    result = torch.kthvalue(_distances(q, bank, index), k, dim=1).values
-    if index.shape[1] < bank.shape[0]:
-        doubtful = torch.nonzero(values[:, k - 1] - values[:, -1] <= eps2)[:, 0]
-        for i in doubtful.tolist():
-            full = torch.linalg.vector_norm(q[i] - bank, dim=1)
-            result[i] = torch.kthvalue(full, k).values
-    return result
+def _kth_within_margin(q: torch.Tensor, sim: torch.Tensor, bank: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """k-th distance from exact distances to the rows of similarity >= ``threshold`` (per query).
+
+    Rows below the threshold are farther than the k computed best, so the k nearest are among
+    those above; candidates beyond a query's own count are real bank rows too, which cannot change
+    its k-th smallest distance."""
+    count = int((sim >= threshold[:, None]).sum(dim=1).max())
+    index = torch.topk(sim, max(k, count), dim=1, sorted=False).indices
+    return torch.kthvalue(_distances(q, bank, index), k, dim=1).values
 
 
 def exact_kth_from_candidates(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:

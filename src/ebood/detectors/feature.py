@@ -881,10 +881,9 @@ class SHE(_FeatureDetector):
 
     def _reset(self) -> None:
         self._started = True
-        self.correct_sums_: torch.Tensor | None = None
-        self.correct_counts_: torch.Tensor | None = None
-        self.class_sums_: torch.Tensor | None = None
-        self.class_counts_: torch.Tensor | None = None
+        # [0]: correctly classified samples, [1]: misclassified ones; per class (float64)
+        self.pattern_sums_: torch.Tensor | None = None  # (2, C, D)
+        self.pattern_counts_: torch.Tensor | None = None  # (2, C)
 
     def _accumulate(self, batch: Outputs) -> None:
         x, z, labels = batch.feature(), batch.logits, batch.labels
@@ -892,51 +891,50 @@ class SHE(_FeatureDetector):
         la.check_finite(z, "logits", self.name)
         c, d = z.shape[1], x.shape[1]
         la.check_labels(labels, c, self.name)
-        if self.class_sums_ is None:
-            zeros = dict(dtype=torch.float64, device=x.device)
-            self.correct_sums_, self.class_sums_ = torch.zeros(c, d, **zeros), torch.zeros(c, d, **zeros)
-            self.correct_counts_, self.class_counts_ = torch.zeros(c, **zeros), torch.zeros(c, **zeros)
-        elif self.class_sums_.shape != (c, d):
-            raise ValueError(f"detector {self.name!r}: this batch has {c} classes and feature dimension {d}, earlier batches had {tuple(self.class_sums_.shape)}")
-        device = self.class_sums_.device
+        if self.pattern_sums_ is None:
+            self.pattern_sums_ = torch.zeros(2, c, d, dtype=torch.float64, device=x.device)
+            self.pattern_counts_ = torch.zeros(2, c, dtype=torch.float64, device=x.device)
+        elif self.pattern_sums_.shape[1:] != (c, d):
+            raise ValueError(f"detector {self.name!r}: this batch has {c} classes and feature dimension {d}, earlier batches had {tuple(self.pattern_sums_.shape[1:])}")
+        device = self.pattern_sums_.device
+        sums, counts = self.pattern_sums_.view(2 * c, d), self.pattern_counts_.view(2 * c)
         labels = labels.to(device)
         for rows in la.row_slices(x.shape[0], d * 8 * 2):
-            x64 = x[rows].to(device, torch.float64)
             y = labels[rows]
-            correct = z[rows].to(device).argmax(dim=1) == y
-            self.class_sums_.index_put_((y,), x64, accumulate=True)
-            self.class_counts_ += torch.bincount(y, minlength=c).to(torch.float64)
-            self.correct_sums_.index_put_((y[correct],), x64[correct], accumulate=True)
-            self.correct_counts_ += torch.bincount(y[correct], minlength=c).to(torch.float64)
+            slot = y + c * (z[rows].to(device).argmax(dim=1) != y)  # one pass: correct or not
+            sums.index_put_((slot,), la.as_float64(x[rows]).to(device), accumulate=True)
+            counts += torch.bincount(slot, minlength=2 * c).to(torch.float64)
 
     def _merge(self, other: "SHE") -> None:
-        if other.class_sums_ is None:
+        if other.pattern_sums_ is None:
             return
-        if self.class_sums_ is None:
-            for key in ("correct_sums_", "correct_counts_", "class_sums_", "class_counts_"):
-                setattr(self, key, getattr(other, key).clone())
+        if self.pattern_sums_ is None:
+            self.pattern_sums_, self.pattern_counts_ = other.pattern_sums_.clone(), other.pattern_counts_.clone()
             return
-        if other.class_sums_.shape != self.class_sums_.shape:
-            raise ValueError(f"detector {self.name!r}: cannot merge fits of shapes {tuple(other.class_sums_.shape)} and {tuple(self.class_sums_.shape)} (classes, dimension)")
-        for key in ("correct_sums_", "correct_counts_", "class_sums_", "class_counts_"):
-            getattr(self, key).add_(getattr(other, key).to(self.class_sums_.device))
+        if other.pattern_sums_.shape != self.pattern_sums_.shape:
+            raise ValueError(f"detector {self.name!r}: cannot merge fits of {tuple(other.pattern_sums_.shape[1:])} and {tuple(self.pattern_sums_.shape[1:])} (classes, dimension)")
+        self.pattern_sums_ += other.pattern_sums_.to(self.pattern_sums_.device)
+        self.pattern_counts_ += other.pattern_counts_.to(self.pattern_counts_.device)
 
     def _check_state(self) -> None:
-        sums, counts = self.class_sums_, self.class_counts_
-        csums, ccounts = self.correct_sums_, self.correct_counts_
-        if not all(isinstance(t, torch.Tensor) for t in (sums, counts, csums, ccounts)):
-            raise ValueError("the state lacks class or correct-sample sums")
-        if sums.ndim != 2 or csums.shape != sums.shape or counts.shape != (sums.shape[0],) or ccounts.shape != counts.shape:
-            raise ValueError(
-                f"class_sums_ {tuple(sums.shape)}, correct_sums_ {tuple(csums.shape)}, class_counts_ {tuple(counts.shape)}, "
-                f"correct_counts_ {tuple(ccounts.shape)} must be (C, D), (C, D), (C,), (C,)"
-            )
+        sums, counts = self.pattern_sums_, self.pattern_counts_
+        if not isinstance(sums, torch.Tensor) or not isinstance(counts, torch.Tensor):
+            raise ValueError("the state lacks pattern_sums_ or pattern_counts_")
+        if sums.ndim != 3 or sums.shape[0] != 2 or counts.shape != sums.shape[:2]:
+            raise ValueError(f"pattern_sums_ {tuple(sums.shape)} and pattern_counts_ {tuple(counts.shape)} must be (2, C, D) and (2, C)")
+
+    @property
+    def _num_classes(self) -> int:
+        return self.pattern_sums_.shape[1]
 
     def _finalize(self) -> None:
-        if not bool((self.class_counts_ > 0).any()):
+        correct_sums, wrong_sums = self.pattern_sums_
+        correct_counts, wrong_counts = self.pattern_counts_
+        class_counts = correct_counts + wrong_counts
+        if not bool((class_counts > 0).any()):
             raise ValueError(f"detector {self.name!r}: no training samples were seen")
-        correct = self.correct_counts_ > 0
-        labelled = self.class_counts_ > 0
+        correct = correct_counts > 0
+        labelled = class_counts > 0
         fallback = labelled & ~correct
         if bool(fallback.any()):
             warnings.warn(
@@ -952,16 +950,16 @@ class SHE(_FeatureDetector):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        sums = torch.where(correct[:, None], self.correct_sums_, self.class_sums_)
-        counts = torch.where(correct, self.correct_counts_, self.class_counts_)
+        sums = torch.where(correct[:, None], correct_sums, correct_sums + wrong_sums)
+        counts = torch.where(correct, correct_counts, class_counts)
         self._patterns = sums / counts.clamp_min(1.0)[:, None]
         self._has_pattern = labelled
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
-        x = self._features(outputs, self.class_sums_.shape[1])
+        x = self._features(outputs, self.pattern_sums_.shape[2])
         z = outputs.logits
-        if z.shape[1] != self.class_sums_.shape[0]:
-            raise ValueError(f"detector {self.name!r}: logits have {z.shape[1]} classes, the detector was fitted on {self.class_sums_.shape[0]} classes")
+        if z.shape[1] != self._num_classes:
+            raise ValueError(f"detector {self.name!r}: logits have {z.shape[1]} classes, the detector was fitted on {self._num_classes} classes")
         acc = accumulation_dtype(x.dtype)
         pred = z.argmax(dim=1).to(self._patterns.device)
         missing = ~self._has_pattern[pred]
@@ -1024,7 +1022,7 @@ class FDBD(_KeepsHead, _FeatureDetector):
         self._keep_head(batch.head)
         if self.feature_sum_ is None:
             self.feature_sum_ = torch.zeros(x.shape[1], dtype=torch.float64, device=self.head_weight_.device)
-        self.feature_sum_ += x.to(torch.float64).sum(dim=0).to(self.feature_sum_.device)
+        self.feature_sum_ += la.column_sums(x).to(self.feature_sum_.device)
         self.sample_count_ = int(self.sample_count_) + int(x.shape[0])
 
     def _merge(self, other: "FDBD") -> None:
@@ -1156,8 +1154,7 @@ class ConjNorm(_FeatureDetector):
         c = _batch_num_classes(outputs)
         la.check_labels(labels, c, self.name)
         c = max(c or 0, int(labels.max()) + 1)
-        d = x.shape[1]
-        x64 = x.to(torch.float64)
+        n, d = x.shape
         labels = labels.to(x.device)
         counts = torch.bincount(labels, minlength=c)
         present = counts > 0
@@ -1167,20 +1164,25 @@ class ConjNorm(_FeatureDetector):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        sums = torch.zeros(c, d, dtype=torch.float64, device=x.device).index_put_((labels,), x64, accumulate=True)
+        sums = torch.zeros(c, d, dtype=torch.float64, device=x.device)
+        for rows in la.row_slices(n, d * 8):
+            sums.index_put_((labels[rows],), la.as_float64(x[rows]), accumulate=True)
         prototypes = self._normalise(sums[present] / counts[present, None].to(torch.float64))
         q = self._q
         mu_q = torch.linalg.vector_norm(prototypes, ord=q, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny ** 0.5)
         guides = torch.sign(prototypes) * prototypes.abs().pow(q - 1) / mu_q.pow(q - 2)
-        # log Z_k over the class's own samples: the distance of each sample to its class only
+        # log Z_k over the class's own samples: each sample's d(x, k) to its own class only;
+        # per-sample terms in the features' precision, the log-sum-exp in float64
+        acc = accumulation_dtype(x.dtype)
+        guides_acc = guides.to(acc)
         slot = torch.cumsum(present.to(torch.long), 0) - 1  # class index -> row of guides
         t = float(self.temperature)
         log_z = torch.full((guides.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-        for rows in la.row_slices(x.shape[0], d * 8 * 3):
-            xn = self._normalise(x64[rows])
+        for rows in la.row_slices(n, d * torch.finfo(acc).bits // 8 * 4):
+            xn = self._normalise(x[rows].to(acc))
             k = slot[labels[rows]]
-            own = ((xn * guides[k]).sum(dim=1) - 0.5 * torch.linalg.vector_norm(xn, ord=q, dim=1).square()) / t
-            log_z = _scatter_logsumexp(log_z, k, own)
+            own = (xn * guides_acc[k]).sum(dim=1) - 0.5 * torch.linalg.vector_norm(xn, ord=q, dim=1).square()
+            log_z = _scatter_logsumexp(log_z, k, own.to(torch.float64) / t)
         self.guides_ = guides
         self.log_partition_ = log_z
         self.classes_ = torch.nonzero(present)[:, 0]
