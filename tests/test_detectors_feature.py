@@ -644,3 +644,12 @@ def test_scoring_with_a_different_head_is_refused():
     other = ebood.Head(TRAIN.head.weight + 1, TRAIN.head.bias)
     with pytest.raises(ValueError, match="different head"):
         det.score(ebood.Outputs(features=TEST.features, head=other))
+
+
+@pytest.mark.parametrize("name", FEATURE_DETECTORS)
+def test_inputs_are_left_unchanged(name):
+    train, test = random_outputs(0, 120), random_outputs(1, 30)
+    copies = [t.clone() for t in (train.features, train.logits, train.labels, train.head.weight, test.features)]
+    make(name).fit(train).score(test)
+    for before, after in zip(copies, (train.features, train.logits, train.labels, train.head.weight, test.features)):
+        assert torch.equal(before, after)

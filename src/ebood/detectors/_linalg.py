@@ -126,7 +126,7 @@ def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, devic
     means = sums / counts.clamp_min(1.0)[:, None]
     scatter = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for rows in chunks:
-        centred = as_float64(x[rows]).sub_(means[labels[rows]])
+        centred = as_float64(x[rows]) - means[labels[rows]]
         scatter.addmm_(centred.T, centred)
     return counts.to(device), means.to(device), scatter.to(device)
 
