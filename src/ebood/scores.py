@@ -63,9 +63,6 @@ CHUNK_BYTES = 64 * 2**20
 # The torch path keeps about this many tile-sized temporaries alive at once (the shifted logits,
 # the exponentials, a copy of a tile with NaN / +inf entries).
 _TORCH_TILE_COPIES = 4
-# Values per tile of the torch path on a CPU: small enough to stay in cache, large enough that
-# per-op thread hand-offs (costly on a busy machine) stay rare.
-_CPU_TILE_VALUES = 1 << 20
 # Native kernel dtype codes (see _native/_scores.c).
 _NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # The kernel multiplies by 1/T in float32; outside this range the torch path divides instead.
@@ -216,7 +213,9 @@ class _RowState:
         self.first_posinf = full(-1, torch.int64)
         self.first_nan = full(-1, torch.int64)
 
-    def update(self, tile: torch.Tensor, col0: int, temperature: float, want_entropy: bool) -> None:
+    def update(self, tile: torch.Tensor, col0: int, temperature: float, want_entropy: bool, work: torch.Tensor) -> None:
+        """Merges a (rows, w) tile starting at column ``col0``; ``work`` holds >= 2 * rows * w values
+        of scratch space (reused across tiles: no fresh buffers, no page faults)."""
         tile_max, tile_arg = tile.max(dim=-1)  # NaN and +inf propagate into tile_max
         special = torch.isnan(tile_max) | (tile_max == math.inf)
         if bool(special.any()):  # rare: count them exactly, then treat them as -inf
@@ -238,9 +237,10 @@ class _RowState:
         self.m = new_m
 
         shift = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m)).unsqueeze(-1)
-        # -inf (input, or overflow of z - m) becomes the most negative float: exp gives exactly 0
-        # and 0 * d stays 0 (never 0 * -inf)
-        d = torch.sub(tile, shift).clamp_(min=torch.finfo(self.m.dtype).min)
+        size = tile.shape[0] * tile.shape[1]
+        d = work[:size].view(tile.shape)
+        e = work[size : 2 * size].view(tile.shape)
+        torch.sub(tile, shift, out=d)  # -inf where z is -inf or z - m overflows: exp gives exactly 0
         # The tile's max, when it is the row's max, contributes exactly 1: count it and zero it,
         # so the sums only hold the small terms (full relative precision for confident rows).
         # Further ties with the max stay in the sums (then entropy >= log 2: no precision issue).
@@ -248,15 +248,15 @@ class _RowState:
         self.ties += hit.to(d.dtype)
         at_max = tile_arg.unsqueeze(-1)
         if temperature != 1.0:
-            e_t = torch.div(d, temperature).exp_()
-            e_t.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e_t.gather(1, at_max)))
-            self.r_t += e_t.sum(dim=-1)
-            del e_t
+            torch.div(d, temperature, out=e).exp_()
+            e.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e.gather(1, at_max)))
+            self.r_t += e.sum(dim=-1)
         if want_entropy or temperature == 1.0:
-            e = torch.exp(d)
+            torch.exp(d, out=e)
             e.scatter_(1, at_max, torch.where(hit.unsqueeze(-1), 0.0, e.gather(1, at_max)))
             self.r_1 += e.sum(dim=-1)
-            self.t_1 += e.mul_(d).sum(dim=-1)
+            # 0 * -inf is NaN and stands for 0 (NaN inputs never get here: _track_special)
+            self.t_1 += e.mul_(d).nansum(dim=-1)
 
     def _track_special(self, tile: torch.Tensor, special: torch.Tensor, col0: int) -> torch.Tensor:
         """Counts NaN / +inf entries (and first positions) of the rows flagged ``special``;
@@ -302,22 +302,32 @@ class _RowState:
         return out
 
 
-def _torch_block(block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int) -> None:
-    """Scores of a 2-D block by chunked torch ops (any device / dtype), into ``out[...][row0:]``."""
+def _torch_tile_values(dtype: torch.dtype) -> int:
+    """Values per tile of the torch path, so that its temporaries fit in CHUNK_BYTES."""
+    itemsize = max(torch.finfo(accumulation_dtype(dtype)).bits, torch.finfo(dtype).bits) // 8
+    return max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * itemsize))
+
+
+def _torch_block(
+    block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int, work: list[torch.Tensor]
+) -> None:
+    """Scores of a 2-D block by chunked torch ops (any device / dtype), into ``out[...][row0:]``.
+
+    ``work`` caches the scratch buffer across blocks of one call (allocated on first use).
+    """
     rows, cols = block.shape
     acc = accumulation_dtype(block.dtype)
-    itemsize = max(torch.finfo(acc).bits, torch.finfo(block.dtype).bits) // 8
-    budget = max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * itemsize))  # values per tile
-    if block.device.type == "cpu":
-        # each torch op makes a fresh buffer: small tiles stay in cache and avoid page faults
-        budget = min(budget, _CPU_TILE_VALUES)
+    budget = _torch_tile_values(block.dtype)
     tile_rows, tile_cols = max(1, budget // cols), min(cols, budget)
+    need = 2 * min(budget, rows * cols)  # two tiles: shifted logits and exponentials
+    if not work or work[0].numel() < need:
+        work[:] = [torch.empty(need, dtype=acc, device=block.device)]
     want_entropy = "entropy" in out
     for r in range(0, rows, tile_rows):
         tile = block[r : r + tile_rows]
         state = _RowState(tile.shape[0], acc, block.device)
         for c in range(0, cols, tile_cols):  # one column tile unless a single row exceeds the budget
-            state.update(tile[:, c : c + tile_cols], c, temperature, want_entropy)
+            state.update(tile[:, c : c + tile_cols], c, temperature, want_entropy, work[0])
         for key, value in state.finish(temperature, want_entropy).items():
             out[key][row0 + r : row0 + r + tile.shape[0]] = value
 
@@ -340,15 +350,15 @@ def _compute(logits: Any, temperature: float, want_entropy: bool) -> dict[str, t
         # the kernel reads in place; a copy is only needed for non-unit column strides
         max_rows = max(1, CHUNK_BYTES // (cols * x.element_size()))
     else:
-        itemsize = max(torch.finfo(acc).bits, torch.finfo(x.dtype).bits) // 8
-        max_rows = max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * cols * itemsize))
+        max_rows = max(1, _torch_tile_values(x.dtype) // cols)
+    work: list[torch.Tensor] = []  # the torch path's scratch buffer, shared by all blocks
     for row0, block in _row_blocks(x, max_rows):
         if native and block.stride(-1) != 1 and cols * block.element_size() <= CHUNK_BYTES:
             block = block.contiguous()
         if native and block.stride(-1) == 1:
             _native_block(block, temperature, out, row0)
         else:
-            _torch_block(block, temperature, out, row0)
+            _torch_block(block, temperature, out, row0, work)
     return {k: v.reshape(lead) for k, v in out.items()}
 
 
