@@ -322,6 +322,20 @@ def test_small_chunks_merge_column_blocks_of_rows_larger_than_a_chunk(path, monk
         assert_matches(out, reference(as_np64(variant), 0.8), rtol=rtol)
 
 
+def test_non_finite_entries_in_several_column_tiles(path, monkeypatch):
+    monkeypatch.setattr(scores, "CHUNK_BYTES", 4096)  # torch path: tiles of 256 values
+    x = torch.randn(3, 3000, generator=torch.Generator().manual_seed(8))
+    x[0, [100, 2500]] = math.nan
+    x[1, [500, 2900]] = math.inf
+    x[1, 1000] = math.nan  # NaN anywhere in the row wins
+    x[2, [500, 2900]] = math.inf
+    out = scores.logit_scores(x)
+    assert out["prediction"].tolist() == [100, 1000, 500]  # the first NaN, else the first +inf
+    assert torch.isnan(out["energy"][:2]).all() and torch.isnan(out["entropy"][:2]).all()
+    assert out["energy"][2] == -math.inf and out["max_logit"][2] == -math.inf
+    assert float(out["msp"][2]) == pytest.approx(-0.5) and float(out["entropy"][2]) == pytest.approx(math.log(2))
+
+
 def test_row_blocks_copy_at_most_max_rows():
     x = torch.randn(6, 5, 8).transpose(0, 1)  # (5, 6, 8): leading dims cannot be viewed flat
     seen = []
