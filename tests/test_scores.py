@@ -29,7 +29,6 @@ from ebood import scores
 from ebood._native import scores_kernel
 
 SCORE_KEYS = ("energy", "msp", "max_logit", "entropy", "prediction")
-NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(params=["native", "native-portable", "torch"])
