@@ -7,6 +7,7 @@ directory and its report) registers here as well.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 
@@ -23,3 +24,114 @@ def report_command(
 
     path = write_report(results_dir, figures="all" if all_figures else "auto")
     typer.echo(str(path))
+
+
+def _detector_specs(names: str | None) -> list | None:
+    from ..bench.config import DetectorSpec
+    from ..detectors import get
+
+    if not names:
+        return None
+    specs = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        get(name)  # unknown names fail here, listing the known ones
+        specs.append(DetectorSpec(name))
+    return specs
+
+
+@command("bench")
+def bench_command(
+    benchmark: str = typer.Argument(None, help="A preset name (see --list-presets) or a benchmark TOML file. Omit it for the built-in offline benchmark."),
+    out: Path = typer.Option(None, "--out", "-o", help="Results directory (default: ebood-results/, or the config's output)."),
+    root: Path = typer.Option(None, "--root", help="Folder holding the real data sets in their official formats (default: $EBOOD_DATA)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Trained weights for the config's model (.safetensors or .pt)."),
+    outliers: str = typer.Option(None, "--outliers", help="Dataset spec of auxiliary outliers for the fine-tuned models."),
+    detectors: str = typer.Option(None, "--detectors", help="Comma-separated detector names (default: the benchmark's, or every registered one)."),
+    seed: int = typer.Option(None, "--seed", help="Seed (default: 0, or the config's)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where trained models and extracted outputs are cached (default: $EBOOD_CACHE or ~/.cache/ebood)."),
+    figures: str = typer.Option("auto", "--figures", help="Report figures: auto, all or none."),
+    no_report: bool = typer.Option(False, "--no-report", help="Write results.json/csv and scores only, no report.html."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="List the shipped presets and exit."),
+    show_preset: str = typer.Option(None, "--show-preset", help="Print a preset's TOML (a starting point for your own) and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the table."),
+) -> None:
+    """Run a benchmark: the built-in one (no argument), a preset, or a TOML file; print the table, write results and report."""
+    import json
+    import time
+    import warnings
+
+    from rich.console import Console
+
+    from ..bench.presets import available_presets, preset_path
+
+    if list_presets:
+        typer.echo("\n".join(available_presets()))
+        return
+    if show_preset:
+        typer.echo(preset_path(show_preset).read_text(), nl=False)
+        return
+    if figures not in ("auto", "all", "none"):
+        fail(f"--figures must be auto, all or none, got {figures!r}")
+    err = Console(stderr=True, soft_wrap=True)
+    log = (lambda msg: None) if quiet else (lambda msg: err.print(f"[dim]ebood bench:[/] {msg}"))
+    progress = not quiet
+    chosen = _detector_specs(detectors)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, out_dir = _run(benchmark, out, root, checkpoint, outliers, chosen, seed, cache_dir, progress, log)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log(f"[yellow]warning:[/] {message}")
+    result.save(out_dir)
+    from ..report import write_report
+
+    _print_table(json.loads((out_dir / "results.json").read_text()))
+    if not no_report:
+        t = time.perf_counter()
+        report = write_report(out_dir, figures=figures)  # type: ignore[arg-type]
+        log(f"report rendered in {time.perf_counter() - t:.1f} s")
+        typer.echo(f"report: {report}")
+    typer.echo(f"results: {out_dir / 'results.json'} ({time.perf_counter() - start:.1f} s)")
+
+
+def _print_table(results: dict) -> None:
+    """The per-set table when it fits the terminal (any width when output is not a terminal), else the means."""
+    from rich.console import Console
+
+    from ..report import results_table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)
+    table = results_table(results)
+    if console.measure(table).minimum > console.width:
+        table = results_table(results, per_set=False)
+        table.caption = (table.caption + "; " if table.caption else "") + "per-set columns left out to fit the terminal: see report.html or results.csv"
+    console.print(table)
+
+
+def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint: Path | None, outliers: str | None,
+         chosen: list | None, seed: int | None, cache_dir: Path | None, progress: bool, log: Callable[[str], None]) -> tuple[Any, Path]:
+    """Run the built-in benchmark (``benchmark`` None), a preset or a TOML file; returns (result, out_dir)."""
+    import dataclasses
+
+    if benchmark is None:
+        from ..bench.builtin import run_builtin
+
+        if checkpoint or outliers or root:
+            fail("--root, --checkpoint and --outliers apply to presets and TOML benchmarks, not to the built-in one")
+        result = run_builtin(seed=seed or 0, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
+        return result, out or Path("ebood-results")
+    from ..bench.config import load_config
+    from ..bench.presets import preset_path
+    from ..bench.protocol import run_config
+
+    path = Path(benchmark)
+    config = load_config(path) if path.suffix == ".toml" or path.exists() else load_config(preset_path(benchmark))
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    if chosen:
+        config = dataclasses.replace(config, detectors=tuple(chosen))
+    result = run_config(config, root=root, checkpoint=checkpoint, outliers=outliers, cache_dir=cache_dir,
+                        progress=progress, log=log)
+    return result, out or Path(config.output)

@@ -112,9 +112,17 @@ class Results:
         """A metric of one row (NaN where the runner gave none)."""
         return self.values.get((model, detector, ood_set), {}).get(metric, math.nan)
 
+    def model_sets(self, model: str) -> set[str]:
+        """The OOD sets ``model`` was evaluated on (a model may have its own, e.g. an open-set split)."""
+        return {s for (m, _, s) in self.values if m == model}
+
     def mean(self, model: str, detector: str, groups: Iterable[str], metric: str) -> float:
-        """Mean of ``metric`` over the sets of ``groups`` (NaN if any is missing: a partial mean would mislead)."""
-        sets = self.sets_in(groups)
+        """Mean of ``metric`` over the sets of ``groups`` that ``model`` was evaluated on.
+
+        NaN when the detector lacks one of them (a partial mean would mislead) or there is none.
+        """
+        evaluated = self.model_sets(model)
+        sets = [s for s in self.sets_in(groups) if s in evaluated]
         if not sets:
             return math.nan
         return float(np.mean([self.value(model, detector, s, metric) for s in sets], dtype=np.float64))

@@ -26,17 +26,18 @@ def _as_results(results: Results | Mapping[str, Any]) -> Results:
     return _index(Path("."), dict(results), _parse_rows(results, where), where)
 
 
-def results_table(results: Results | Mapping[str, Any], *, metric: str = "fpr95") -> Table:
+def results_table(results: Results | Mapping[str, Any], *, metric: str = "fpr95", per_set: bool = True) -> Table:
     """A rich table of a benchmark: ``metric`` per OOD set, group means of FPR and AUROC, ID accuracy.
 
     ``results`` is the ``results.json`` document (a dict with ``"rows"``, ``"models"`` ...) or a
-    loaded :class:`~ebood.report.results.Results`.
+    loaded :class:`~ebood.report.results.Results`. ``per_set=False`` leaves out the per-set columns
+    (for narrow terminals; the means, covariate sets and ID accuracy stay).
     """
     res = _as_results(results)
     label = lambda m: metric_label(m, tpr=res.tpr, positive=res.positive)  # noqa: E731
     ood_sets = res.sets_in(OOD_GROUPS)
     covariate = res.sets_in(("covariate",))
-    columns: list[tuple[str, str, Any]] = [(s, metric, lambda mo, de, s=s: res.value(mo, de, s, metric)) for s in ood_sets]
+    columns: list[tuple[str, str, Any]] = [(s, metric, lambda mo, de, s=s: res.value(mo, de, s, metric)) for s in ood_sets] if per_set else []
     for key, name, groups in res.mean_columns():
         for m in ("fpr95", "auroc"):
             columns.append((f"{name.replace(' mean', '')}\n{label(m)}", m, lambda mo, de, g=groups, m=m: res.mean(mo, de, g, m)))
