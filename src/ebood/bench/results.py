@@ -45,7 +45,8 @@ def describe_device(device: torch.device | str | None = None) -> str:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'}, {platform.processor() or platform.machine()})"
 
 
 @dataclass
