@@ -200,3 +200,35 @@ def test_ensemble_uses_only_its_layers_when_more_are_extracted(setup):
                                    layers=["fc1"], progress=False)
     assert list(res.outputs["id_train"].features) == ["fc1", "conv", "penultimate"]
     assert res.detectors["mahalanobis_ensemble"].layers_ == ["conv"]
+
+
+def test_a_detector_with_non_finite_scores_does_not_sink_the_others():
+    import math
+    import warnings
+
+    import torch
+
+    from ebood.detectors import Detector, register
+    from ebood.evaluation import evaluate_detectors
+
+    @register
+    class _AlwaysNaN(Detector):
+        name = "_test_always_nan"
+        needs_fit = False
+
+        def _score(self, outputs):
+            return torch.full((len(outputs),), float("nan"))
+
+    try:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        x_id, x_ood = torch.randn(20, 4), torch.randn(15, 4) * 5
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = evaluate_detectors(model, None, x_id, {"far": x_ood}, ["energy", "_test_always_nan"], progress=False)
+        assert all(math.isnan(v) for v in res.metrics["_test_always_nan"]["far"].values())
+        assert not any(math.isnan(v) for v in res.metrics["energy"]["far"].values())
+        assert any("non-finite" in str(w.message) for w in caught)
+    finally:
+        from ebood.detectors import base
+
+        base._REGISTRY.pop("_test_always_nan", None)

@@ -25,7 +25,9 @@ Timings are wall-clock seconds: ``extraction`` (forward passes and data loading)
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -157,6 +159,20 @@ def _accuracy(out: Outputs) -> float | None:
     return float((out.logits[keep].argmax(dim=1) == out.labels[keep]).double().mean())
 
 
+def _set_metrics(label: str, name: str, per_set: Mapping[str, torch.Tensor], tpr: float, positive: str) -> dict[str, float]:
+    """Metrics of one detector on one OOD set; NaN (and a warning) where its scores are not finite.
+
+    One detector that breaks on some data must not take the other detectors' results with it.
+    """
+    id_s, ood_s = per_set[ID_TEST], per_set[name]
+    bad = int((~torch.isfinite(id_s)).sum() + (~torch.isfinite(ood_s)).sum())
+    if bad:
+        warnings.warn(f"detector {label!r} gave {bad} non-finite score(s) on id_test / {name!r}; its metrics there are NaN",
+                      RuntimeWarning, stacklevel=3)
+        return {k: math.nan for k in _metrics.METRIC_NAMES}
+    return _metrics.evaluate(id_s, ood_s, tpr=tpr, positive=positive)  # type: ignore[arg-type]
+
+
 def evaluate_detectors(
     model: nn.Module,
     id_train: Any,
@@ -233,10 +249,7 @@ def evaluate_detectors(
                 raw[label][set_name] = det.score(outs if layers is not None else _penultimate_only(outs)).detach().cpu()
             clock.scoring += time.perf_counter() - t0
 
-    table = {
-        label: {name: _metrics.evaluate(per_set[ID_TEST], per_set[name], tpr=tpr, positive=positive) for name in ood_sets}  # type: ignore[arg-type]
-        for label, per_set in raw.items()
-    }
+    table = {label: {name: _set_metrics(label, name, per_set, tpr, positive) for name in ood_sets} for label, per_set in raw.items()}
     timings = {"extraction": clock.extraction, "fitting": clock.fitting, "scoring": clock.scoring, "total": time.perf_counter() - start}
     return EvaluationResult(metrics=table, scores=raw, detectors=dets, id_accuracy=_accuracy(id_outputs) if id_outputs is not None else None,
                             timings=timings, outputs=kept, tpr=tpr, positive=positive)
