@@ -154,21 +154,24 @@ def normalise_np(x: np.ndarray) -> np.ndarray:
 def knn_sklearn(bank: np.ndarray, queries: np.ndarray, k: int):
     from sklearn.neighbors import NearestNeighbors
 
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(normalise_np(bank))
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", n_jobs=-1).fit(normalise_np(bank))
     return nn.kneighbors(normalise_np(queries))[0][:, -1]
 
 
-def she_fit_torch(x, logits, y, c):
-    pred = logits.argmax(1)
-    patterns = []
-    for k in range(c):
-        mask = (y == k) & (pred == k)
-        patterns.append(x[mask].mean(0, keepdim=True))
-    return torch.cat(patterns)
+def she_fit_torch(x, y, w, b, c):
+    """pytorch-ood SHE.fit_features: keep correctly classified samples (head logits), class means."""
+    keep_z, keep_y = [], []
+    for start in range(0, x.shape[0], 1024):
+        zb, yb = x[start : start + 1024], y[start : start + 1024]
+        mask = (zb @ w.T + b).argmax(dim=1) == yb
+        keep_z.append(zb[mask])
+        keep_y.append(yb[mask])
+    z, yy = torch.cat(keep_z), torch.cat(keep_y)
+    return torch.stack([z[yy == k].mean(dim=0) for k in range(c)])
 
 
-def she_score_torch(x, logits, patterns):
-    return -(x * patterns[logits.argmax(1)]).sum(1)
+def she_score_torch(x, w, b, patterns):
+    return -torch.sum(torch.mul(x, patterns[(x @ w.T + b).argmax(dim=1)]), dim=1)
 
 
 def fdbd_fit_openood(x: np.ndarray, w: np.ndarray):
@@ -279,8 +282,8 @@ def baseline(name: str, data: dict, params: dict, repeats: int):
         tf, _ = best_time(lambda: normalise_np(xn), repeats)
         ts, s = best_time(lambda: knn_sklearn(xn, xtn, params["k"]), repeats)
     elif name == "she":
-        tf, pat = best_time(lambda: she_fit_torch(x, z, y, c), repeats)
-        ts, s = best_time(lambda: she_score_torch(xt, zt, pat), repeats)
+        tf, pat = best_time(lambda: she_fit_torch(x, y, w, b, c), repeats)
+        ts, s = best_time(lambda: she_score_torch(xt, w, b, pat), repeats)
     elif name == "fdbd":
         tf, st = best_time(lambda: fdbd_fit_openood(x.numpy(), w.numpy()), repeats)
         ts, s = best_time(lambda: fdbd_score_openood(xt, w, b, *st), repeats)
@@ -380,8 +383,8 @@ def main() -> None:
         "vim": "official numpy/sklearn",
         "residual": "official numpy/sklearn",
         "knn": "sklearn brute force",
-        "she": "pytorch-ood / OpenOOD torch",
-        "fdbd": "OpenOOD torch",
+        "she": "pytorch-ood torch",
+        "fdbd": "pytorch-ood / OpenOOD torch",
         "nnguide": "OpenOOD faiss IndexFlatIP",
         "conjnorm": "official numpy float64",
     }

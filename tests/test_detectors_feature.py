@@ -653,3 +653,23 @@ def test_inputs_are_left_unchanged(name):
     make(name).fit(train).score(test)
     for before, after in zip(copies, (train.features, train.logits, train.labels, train.head.weight, test.features)):
         assert torch.equal(before, after)
+
+
+def test_ivf_search_probing_every_list_is_exact_and_state_is_checked():
+    from ebood.detectors import _linalg as la
+
+    g = torch.Generator().manual_seed(11)
+    bank = la.normalise_rows(torch.randn(600, 16, generator=g) + torch.randn(8, 16, generator=g).repeat(75, 1))
+    queries = la.normalise_rows(torch.randn(40, 16, generator=g))
+    centroids, lists = la.ivf_lists(bank, 8)
+    order = torch.argsort(lists, stable=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(lists, minlength=8), 0)])
+    values, index = la.ivf_top_k(queries, bank[order], centroids, offsets, nprobe=8, k=12)
+    ref = torch.topk(queries @ bank[order].T, 12, dim=1)
+    torch.testing.assert_close(values, ref.values)
+    assert torch.equal(index.sort(dim=1).values, ref.indices.sort(dim=1).values)
+    det = detectors.create("knn", k=5, index="ivf").fit(ebood.Outputs(features=bank))
+    det.score(ebood.Outputs(features=queries))
+    det.ivf_offsets_[-1] += 1
+    with pytest.raises(ValueError, match="ivf_offsets_ must rise from 0 to the bank size 600"):
+        det._check_state()

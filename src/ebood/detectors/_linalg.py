@@ -36,8 +36,13 @@ __all__ = [
     "inverse_sqrt",
     "nearest_whitened",
     "normalise_rows",
+    "top_k_similarities",
     "kth_neighbour_distance",
+    "kth_from_candidates",
+    "candidate_distances",
     "top_k_similarity_mean",
+    "ivf_lists",
+    "ivf_top_k",
     "row_keys",
     "bottom_k_rows",
 ]
@@ -98,36 +103,60 @@ def as_float64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def column_sums(x: torch.Tensor) -> torch.Tensor:
-    """``x.sum(0)`` accumulated in float64 (numpy on the CPU, for the reason of :func:`as_float64`)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.float64) and not x.requires_grad:
-        return torch.from_numpy(np.add.reduce(x.numpy(), axis=0, dtype=np.float64))
-    return x.sum(dim=0, dtype=torch.float64)
-
-
 # ----- streaming class-conditional moments -------------------------------------------------------
 
 ClassMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(counts (C,), means (C, D), within-class scatter (D, D))``, all float64."""
 
 
+def add_gram(out: torch.Tensor, c: torch.Tensor) -> None:
+    """``out += c^T c`` on the upper block triangle only (columns in 4 blocks: 10 of the 16 block
+    products, a third fewer operations; torch has no symmetric rank-k update). The lower triangle
+    of ``out`` is left stale: :func:`mirror_upper` completes it."""
+    d = c.shape[1]
+    if d < 256:
+        out.addmm_(c.T, c)
+        return
+    edges = [round(i * d / 4) for i in range(5)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        out[a:b, a:].addmm_(c[:, a:b].T, c[:, a:])
+
+
+def mirror_upper(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is that of ``m``."""
+    upper = torch.triu(m)
+    return upper + torch.triu(m, diagonal=1).T
+
+
 def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, device: torch.device | None = None) -> ClassMoments:
     """Counts, class means and within-class scatter ``sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` of
-    one batch, in float64. The scatter is formed from rows centred by their class mean (no
-    cancellation), over chunks of rows (bounded temporaries)."""
+    one batch, in float64, in one pass over chunks of rows.
+
+    Rows are shifted by a reference row of their class (its first sample in the batch), so that
+    ``G = sum_i c_i c_i^T`` of the shifted rows ``c`` is of the size of the scatter itself; then
+    ``S = G - sum_k n_k d_k d_k^T`` with ``d_k`` the mean shifted row of class k (a float64
+    difference of terms of similar size: no cancellation to speak of)."""
     device = x.device if device is None else device
+    n, d = x.shape
     labels = labels.to(x.device)
-    d = x.shape[1]
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
-    chunks = list(row_slices(x.shape[0], 3 * d * 8))
-    for rows in chunks:
-        sums.index_put_((labels[rows],), as_float64(x[rows]), accumulate=True)  # index_add_ is slow on CPU
-    means = sums / counts.clamp_min(1.0)[:, None]
-    scatter = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    for rows in chunks:
-        centred = as_float64(x[rows]) - means[labels[rows]]
-        scatter.addmm_(centred.T, centred)
+    first = torch.full((num_classes,), max(n - 1, 0), dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, labels, torch.arange(n, device=x.device), reduce="amin")
+    reference = as_float64(x[first]) if n else torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
+    shifted_sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for rows in row_slices(n, 2 * d * 8):
+        y = labels[rows]
+        c = as_float64(x[rows]) - reference[y]
+        if num_classes == 1:
+            shifted_sums[0] += c.sum(dim=0)
+        else:
+            shifted_sums.index_put_((y,), c, accumulate=True)  # index_add_ is slow on CPU
+        add_gram(gram, c)
+    shift = shifted_sums / counts.clamp_min(1.0)[:, None]
+    scatter = mirror_upper(gram) - (shift * counts[:, None]).T @ shift
+    means = reference + shift
+    means[counts == 0] = 0
     return counts.to(device), means.to(device), scatter.to(device)
 
 
@@ -179,6 +208,15 @@ def inverse_sqrt(cov: torch.Tensor, detector: str, what: str = "covariance") -> 
     A rank below D (fewer samples than dimensions, constant or collinear features) is warned about:
     the pseudo-inverse measures distances only inside the span of the data."""
     cov = (cov + cov.T) / 2
+    d = cov.shape[0]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        # fast path: W = L^-T from the Cholesky factor cov = L L^T, kept only when surely far from
+        # the pinvh cut: lambda_min >= 1 / ||W||_F^2 and lambda_max <= trace(cov)
+        w = torch.linalg.solve_triangular(chol, torch.eye(d, dtype=cov.dtype, device=cov.device), upper=False).T
+        bound = float(w.square().sum()) * float(torch.trace(cov))
+        if math.isfinite(bound) and bound * 1e3 * d * torch.finfo(cov.dtype).eps < 1:
+            return w
     vals, vecs = torch.linalg.eigh(cov)
     top = float(vals.max()) if vals.numel() else 0.0
     if not math.isfinite(top):
@@ -236,14 +274,36 @@ def normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=torch.finfo(x.dtype).tiny ** 0.5)
 
 
-def _similarity_chunks(queries: torch.Tensor, bank: torch.Tensor, k: int, sort: bool = False) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """``(rows, top-k similarities, their bank indices)`` for chunks of queries."""
+def _faiss_inputs(queries: torch.Tensor, bank: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """numpy views for faiss when both are contiguous float32 CPU tensors (else None)."""
+    if queries.device.type != "cpu" or bank.device.type != "cpu" or queries.dtype != torch.float32 or bank.dtype != torch.float32:
+        return None
+    if queries.requires_grad or bank.requires_grad:
+        return None
+    try:
+        import faiss  # noqa: F401
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        return None
+    return np.ascontiguousarray(queries.numpy()), np.ascontiguousarray(bank.numpy())
+
+
+def top_k_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest inner products of each query with the bank rows, in decreasing order,
+    and their bank indices: exact search, by ``faiss.knn`` on float32 CPU tensors (blocked
+    products merged into per-query heaps: no (queries x bank) matrix), else chunked products and
+    ``torch.topk``."""
+    arrays = _faiss_inputs(queries, bank)
+    if arrays is not None:
+        import faiss
+
+        values, index = faiss.knn(arrays[0], arrays[1], k, metric=faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(values), torch.from_numpy(index)
+    values = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
+    index = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     bank_t = bank.T
     for rows in row_slices(queries.shape[0], bank.shape[0] * queries.element_size(), SEARCH_CHUNK_BYTES):
-        sim = queries[rows] @ bank_t
-        values, index = torch.topk(sim, k, dim=1, sorted=sort)
-        del sim
-        yield rows, values, index
+        values[rows], index[rows] = torch.topk(queries[rows] @ bank_t, k, dim=1)
+    return values, index
 
 
 #: ranks on each side of the k-th whose distances are recomputed exactly
@@ -252,49 +312,63 @@ WINDOW = 4
 
 def similarity_error(dim: int, dtype: torch.dtype) -> float:
     """Rounding margin of an inner product of two unit vectors of ``dim`` entries computed in
-    ``dtype``: ``4 sqrt(dim) eps``, four times the typical error of a sum of ``dim`` rounded
-    products (the worst case ``dim * eps`` is never approached by blocked FMA products), which also
-    covers the deviation of the normalised rows' norms from 1."""
-    return 4 * math.sqrt(dim) * torch.finfo(dtype).eps
+    ``dtype``: ``sqrt(dim) eps``. A sum of ``dim`` rounded products errs by about
+    ``sqrt(dim) eps / 2`` at most in practice (the worst case ``dim * eps`` needs every rounding
+    in the same direction; blocked FMA products stay far below: 0.4 sqrt(dim) eps / 2 measured on
+    50000 x 10000 pairs of 512-dimensional features); the margin also covers the deviation of the
+    normalised rows' norms from 1."""
+    return math.sqrt(dim) * torch.finfo(dtype).eps
 
 
 def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """Euclidean distance from each (unit) query to its k-th nearest row of ``bank`` (unit rows).
 
     On unit vectors ``||a - b||^2 = 2 - 2 a.b``: the nearest rows are those of largest inner
-    product, found with one chunked matrix product and ``torch.topk``. ``2 - 2 a.b`` cancels for
-    close neighbours, so distances are recomputed from difference vectors: for the candidates of
-    rank ``k - WINDOW .. k + WINDOW`` when the similarity gaps at both edges of that window exceed
-    twice the rounding margin ``eps`` of :func:`similarity_error` (no row outside can then swap
-    with one inside); otherwise for every row whose similarity is within ``2 eps`` of the k-th
-    largest (a set that surely holds the k nearest rows).
-    """
-    n_bank = bank.shape[0]
+    product (:func:`top_k_similarities`). ``2 - 2 a.b`` cancels for close neighbours, so the
+    distance is recomputed from difference vectors (:func:`kth_from_candidates`)."""
+    kk = min(bank.shape[0], k + WINDOW + 1)
+    values, index = top_k_similarities(queries, bank, kk)
+    return kth_from_candidates(queries, bank, values, index, k, complete=kk == bank.shape[0])
+
+
+def kth_from_candidates(
+    queries: torch.Tensor, bank: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int, complete: bool = False, exhaustive: bool = True
+) -> torch.Tensor:
+    """The k-th smallest exact distance ``||q - b||``, given each query's best candidates in
+    decreasing similarity (``values``, bank rows ``index``; at least ``k + WINDOW + 1`` of them
+    unless ``complete``, i.e. they are the whole bank).
+
+    Distances are recomputed from difference vectors for the candidates of rank
+    ``k - WINDOW .. k + WINDOW``. With ``e`` the rounding margin of :func:`similarity_error`, a
+    similarity gap above ``2 e`` between two ranks is a certain order; one such gap above and one
+    below rank k inside the window fence in every row that could be the k-th, which is then the
+    window's ``(k - first rank)``-th closest. Queries without such gaps (near-equal similarities)
+    get every bank row within ``2 e`` of the k-th similarity recomputed (``exhaustive``), or all
+    their candidates (approximate search: the candidates are all it knows)."""
+    m = values.shape[1]
     lo = max(0, k - 1 - WINDOW)
-    kk = min(n_bank, k + WINDOW + 1)  # ranks 0..kk-1; the window is lo..hi-1
-    hi = kk - 1 if kk < n_bank else kk
+    hi = min(m - 1, k - 1 + WINDOW)  # the window: ranks lo..hi
     eps2 = 2 * similarity_error(bank.shape[1], queries.dtype)
-    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    bank_t = bank.T
-    for rows in row_slices(queries.shape[0], n_bank * queries.element_size(), SEARCH_CHUNK_BYTES):
-        q = queries[rows]
-        sim = q @ bank_t
-        values, index = torch.topk(sim, kk, dim=1)
-        safe = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-        if hi < kk:
-            safe &= values[:, hi - 1] - values[:, hi] > eps2
-        if lo > 0:
-            safe &= values[:, lo - 1] - values[:, lo] > eps2
-        result = torch.kthvalue(_distances(q, bank, index[:, lo:hi]), k - lo, dim=1).values
-        unsafe = torch.nonzero(~safe)[:, 0]
-        if unsafe.numel():
-            result[unsafe] = _kth_within_margin(q[unsafe], sim[unsafe], bank, values[unsafe, k - 1] - eps2, k)
-        del sim
-        out[rows] = result
+    certain = (values[:, :-1] - values[:, 1:]) > eps2  # certain[:, j]: rank j surely closer than j + 1
+    safe = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+    if lo > 0:
+        safe &= certain[:, lo - 1 : k - 1].any(dim=1)
+    if not (complete and hi == m - 1):
+        safe &= certain[:, k - 1 : hi + 1].any(dim=1) if hi < m - 1 else torch.zeros_like(safe)
+    index = index.to(queries.device)
+    out = torch.kthvalue(candidate_distances(queries, bank, index[:, lo : hi + 1]), k - lo, dim=1).values
+    unsafe = torch.nonzero(~safe.to(queries.device))[:, 0]
+    if unsafe.numel():
+        q = queries[unsafe]
+        if exhaustive:
+            threshold = values[unsafe.to(values.device), k - 1].to(queries.device) - eps2
+            out[unsafe] = _kth_within_margin(q, q @ bank.T, bank, threshold, k)
+        else:
+            out[unsafe] = torch.kthvalue(candidate_distances(q, bank, index[unsafe]), k, dim=1).values
     return out
 
 
-def _distances(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def candidate_distances(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``||q_i - bank[index_ij]||`` (n, m), from difference vectors, in bounded chunks."""
     dist = torch.empty(index.shape, dtype=queries.dtype, device=queries.device)
     per_row = max(1, index.shape[1]) * bank.shape[1] * queries.element_size() * 2
@@ -311,40 +385,107 @@ def _kth_within_margin(q: torch.Tensor, sim: torch.Tensor, bank: torch.Tensor, t
     its k-th smallest distance."""
     count = int((sim >= threshold[:, None]).sum(dim=1).max())
     index = torch.topk(sim, max(k, count), dim=1, sorted=False).indices
-    return torch.kthvalue(_distances(q, bank, index), k, dim=1).values
-
-
-def exact_kth_from_candidates(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest exact distance among candidate bank rows ``index`` (n, m >= k)."""
-    return torch.kthvalue(_distances(queries, bank, index), k, dim=1).values
+    return torch.kthvalue(candidate_distances(q, bank, index), k, dim=1).values
 
 
 def top_k_similarity_mean(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the ``k`` largest inner products of each query with the rows of ``bank``."""
-    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    for rows, values, _ in _similarity_chunks(queries, bank, k):
-        out[rows] = values.to(torch.float64).mean(dim=1).to(out.dtype)
-    return out
+    values, _ = top_k_similarities(queries, bank, k)
+    return values.to(torch.float64).mean(dim=1).to(queries.dtype).to(queries.device)
+
+
+# ----- an inverted file searched with matrix products ------------------------------------------
+
+
+def ivf_lists(bank: torch.Tensor, nlist: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means (faiss, 20 iterations, fixed seed) of unit rows into ``nlist`` lists:
+    ``(centroids (nlist, D), list of each row (N,))``, the list being the most similar centroid."""
+    import faiss
+
+    data = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
+    kmeans = faiss.Kmeans(data.shape[1], nlist, niter=20, seed=seed, spherical=True, verbose=False)
+    kmeans.train(data)
+    centroids = torch.from_numpy(kmeans.centroids.copy()).to(bank.device, bank.dtype)
+    lists = torch.empty(bank.shape[0], dtype=torch.long, device=bank.device)
+    for rows in row_slices(bank.shape[0], nlist * bank.element_size()):
+        lists[rows] = (bank[rows] @ centroids.T).argmax(dim=1)
+    return centroids, lists
+
+
+def ivf_top_k(
+    queries: torch.Tensor, bank: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor, nprobe: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate :func:`top_k_similarities` over a bank sorted by list (list ``l`` holds rows
+    ``offsets[l]:offsets[l+1]``): each query searches its ``nprobe`` most similar lists. The work
+    is grouped by list, one matrix product per list with all the queries that probe it (faiss's
+    IVF scans list by list per query, without matrix products). Missing candidates (lists with
+    fewer than k rows in all) have similarity ``-inf`` and index 0."""
+    nq, nlist = queries.shape[0], centroids.shape[0]
+    nprobe = min(nprobe, nlist)
+    values = torch.empty(nq, k, dtype=queries.dtype, device=queries.device)
+    index = torch.empty(nq, k, dtype=torch.long, device=queries.device)
+    bounds_of = offsets.tolist()
+    # few, large chunks of queries: every chunk loops over all the lists
+    for rows in row_slices(nq, nprobe * k * (queries.element_size() + 8) + nlist * queries.element_size(), SEARCH_CHUNK_BYTES // 4):
+        q = queries[rows]
+        probe = torch.topk(q @ centroids.T, nprobe, dim=1).indices
+        width = nprobe * k
+        best = torch.full((q.shape[0] * width,), -math.inf, dtype=q.dtype, device=q.device)
+        where = torch.zeros(q.shape[0] * width, dtype=torch.long, device=q.device)
+        flat = probe.flatten()
+        order = torch.argsort(flat, stable=True)
+        owner = torch.div(order, nprobe, rounding_mode="floor")  # query of each (query, probe) pair
+        slot = order % nprobe
+        edges = torch.searchsorted(flat[order], torch.arange(nlist + 1, device=q.device)).tolist()
+        for lst in range(nlist):
+            a, b = edges[lst], edges[lst + 1]
+            lo, hi = bounds_of[lst], bounds_of[lst + 1]
+            if a == b or lo == hi:
+                continue
+            who = owner[a:b]
+            m = min(k, hi - lo)
+            v, i = torch.topk(q[who] @ bank[lo:hi].T, m, dim=1, sorted=False)
+            at = ((who * width + slot[a:b] * k)[:, None] + torch.arange(m, device=q.device)).flatten()
+            best[at] = v.flatten()
+            where[at] = (i + lo).flatten()
+        values[rows], pick = torch.topk(best.view(-1, width), k, dim=1)
+        index[rows] = where.view(-1, width).gather(1, pick)
+    return values, index
 
 
 # ----- a mergeable uniform sample of rows -------------------------------------------------------
 
 _HASH_SEED = 0x5EED_EB00D
+#: columns that enter a row's key (evenly spaced); rows equal there are ordered by their content
+HASHED_COLUMNS = 64
 
 
 @functools.lru_cache(maxsize=16)
-def _hash_weights(dim: int, device: torch.device) -> torch.Tensor:
+def _hash_plan(dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(_HASH_SEED)
-    w = torch.randint(-(2**62), 2**62, (dim,), generator=g, dtype=torch.int64) | 1
-    return w.to(device)
+    cols = torch.linspace(0, dim - 1, min(dim, HASHED_COLUMNS)).round().long().unique()
+    weights = torch.randint(-(2**62), 2**62, (cols.numel(),), generator=g, dtype=torch.int64) | 1
+    return cols.to(device), weights.to(device)
 
 
 def row_keys(x: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash of each row's float32 bit pattern: the same row always gets the same key.
-
-    Integer arithmetic wraps modulo 2**64, so the key does not depend on the summation order."""
-    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    h = (bits * _hash_weights(x.shape[1], x.device)).sum(dim=1)
+    """A 64-bit hash of the float32 bit patterns of (up to ``HASHED_COLUMNS``) columns of each
+    row: the same row always gets the same key. Integer arithmetic wraps modulo 2**64, so the key
+    does not depend on the summation order."""
+    cols, weights = _hash_plan(x.shape[1], x.device)
+    picked = x[:, cols].to(torch.float32).contiguous()
+    if picked.device.type == "cpu":  # numpy: unsigned, wrapping, single-threaded (no pool wake-ups)
+        bits = picked.view(torch.int32).numpy().astype(np.int64).view(np.uint64)
+        with np.errstate(over="ignore"):
+            hn = (bits * weights.numpy().view(np.uint64)).sum(axis=1, dtype=np.uint64)
+            hn ^= hn >> np.uint64(30)
+            hn *= np.uint64(0xBF58476D1CE4E5B9)
+            hn ^= hn >> np.uint64(27)
+            hn *= np.uint64(0x94D049BB133111EB)
+            hn ^= hn >> np.uint64(31)
+        return torch.from_numpy(hn.view(np.int64))
+    bits = picked.view(torch.int32).to(torch.int64)
+    h = (bits * weights).sum(dim=1)
     # the splitmix64 finaliser (torch shifts int64 arithmetically: mask to a logical shift)
     h = h ^ _shift_right(h, 30)
     h = h * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
@@ -359,6 +500,19 @@ def _shift_right(h: torch.Tensor, s: int) -> torch.Tensor:
 
 def bottom_k_rows(rows: torch.Tensor, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``size`` rows of smallest key, sorted by key: a uniform sample without replacement that
-    is the same whichever way the data were split into batches or partial fits."""
-    order = torch.argsort(keys, stable=True)[:size]
+    is the same whichever way the data were split into batches or partial fits. Rows with equal
+    keys (equal in the hashed columns) are ordered by their full float32 bit pattern."""
+    order = torch.argsort(keys, stable=True)
+    head = order[: size + 1]
+    sorted_keys = keys[head]
+    tied = torch.nonzero(sorted_keys[1:] == sorted_keys[:-1])[:, 0]
+    if tied.numel():
+        order = order.clone()
+        for key in torch.unique(sorted_keys[tied]).tolist():
+            group = torch.nonzero(keys == key)[:, 0]
+            content = rows[group].to(torch.float32).contiguous().view(torch.int32).cpu().numpy()
+            ranked = group[torch.from_numpy(np.lexsort(content.T[::-1]).copy()).to(group.device)]
+            start = int(torch.nonzero(keys[order] == key)[0, 0])
+            order[start : start + group.numel()] = ranked
+    order = order[:size]
     return rows[order], keys[order]

@@ -296,9 +296,11 @@ class Mahalanobis(_ClassGaussian):
     Classes without training samples are left out of the minimum (with a warning); labels must be
     ``0..C-1`` where C is known from the logits or head of the training outputs.
 
-    Scoring: one product ``y = (x - m) W`` with ``W W^T = Sigma^+`` (``m`` the training mean),
-    one with the whitened class means to rank the classes by ``||y||^2 - 2 y.m_c + ||m_c||^2``,
-    then ``||y - m_c||^2`` recomputed for the 4 best classes (no cancellation).
+    Scoring: one product ``y = (x - m) W`` with ``W W^T = Sigma^+`` (``m`` the training mean
+    rounded to the features' dtype), one with the whitened class means to rank the classes by the
+    expanded form ``||y||^2 - 2 y.m_c + ||m_c||^2``, then ``||y - m_c||^2`` recomputed for the best
+    class (and for every class within the expanded form's rounding margin of it), so the score
+    keeps float32 accuracy where the expanded form cancels.
     """
 
     name = "mahalanobis"
@@ -687,93 +689,117 @@ class KNN(_Bank):
     Score: ``||z - z_(k)||``, the Euclidean distance from the normalised input to its k-th nearest
     bank row (the paper's score; its confidence is the negated distance, and its code uses the
     squared distance, a monotone transform; higher = more OOD). Default ``k = 50`` (the paper's
-    CIFAR-10 setting and OpenOOD v1.5's).
+    CIFAR-10 setting and OpenOOD v1.5's). ``k`` larger than the bank is an error.
 
-    ``index="flat"`` (default) is exact: one chunked product with the bank and ``torch.topk`` on
-    the similarities (``||a - b||^2 = 2 - 2 a.b`` on unit vectors), then the distances of the best
-    ``k + 8`` candidates recomputed from the difference vectors (no cancellation for close
-    neighbours). ``index="ivf"`` (faiss ``IndexIVFFlat``, ``nlist = 4 sqrt(N)`` lists,
-    ``nprobe = nlist / 16``) and ``index="hnsw"`` (faiss ``IndexHNSWFlat``, M = 32,
-    efSearch = max(128, 2 (k + 8))) are approximate: they propose ``k + 8`` candidates whose
-    distances are then computed exactly; a query with fewer than ``k`` candidates falls back to the
-    exact search. ``k`` larger than the bank is an error.
+    ``index="flat"`` (default) is exact: the best candidates by inner product (``faiss.knn`` on
+    float32 CPU tensors, else chunked products and ``torch.topk``; on unit vectors
+    ``||a - b||^2 = 2 - 2 a.b``), then the distances around rank k recomputed from difference
+    vectors, so that close neighbours lose no digits to ``2 - 2 a.b``
+    (:func:`ebood.detectors._linalg.kth_from_candidates`).
+
+    Approximate modes propose candidates that are then measured exactly; a query with fewer than
+    ``k`` candidates falls back to the exact search:
+
+    * ``index="ivf"``: an inverted file, ``nlist = 2 sqrt(N)`` lists from spherical k-means (faiss),
+      each query searching its ``nprobe = ceil(nlist / 56)`` (about 1.8 %) closest lists, with one
+      matrix product per list (:func:`ebood.detectors._linalg.ivf_top_k`). Saved as tensors.
+    * ``index="hnsw"``: faiss ``IndexHNSWFlat`` (M = 32, efConstruction = 64,
+      efSearch = max(128, 2 (k + 5))), saved serialised in a uint8 tensor.
     """
 
     name = "knn"
     paper = "Sun et al., ICML 2022"
-    MARGIN = 8
 
     def __init__(self, k: int = 50, index: str = "flat") -> None:
         self.k = k
         self.index = index
         _check_positive_int(self.name, "k", k)
         if index not in _INDEXES:
-            raise ValueError(f"knn: unknown index {index!r}; choose one of 'flat' (exact), 'ivf', 'hnsw' (approximate, faiss)")
+            raise ValueError(f"knn: unknown index {index!r}; choose one of 'flat' (exact), 'ivf', 'hnsw' (approximate)")
 
     def _reset(self) -> None:
         super()._reset()
         self.bank_size_ = 0
-        self.index_bytes_: torch.Tensor | None = None
+        self.index_bytes_: torch.Tensor | None = None  # hnsw: the serialised faiss index
+        self.ivf_centroids_: torch.Tensor | None = None  # ivf: (nlist, D)
+        self.ivf_offsets_: torch.Tensor | None = None  # ivf: list l holds bank_ rows offsets[l]:offsets[l+1]
 
     def _accumulate(self, batch: Outputs) -> None:
         x = batch.feature()
         la.check_finite(x, "features", self.name)
         self._append(la.normalise_rows(x.to(accumulation_dtype(x.dtype))))
 
+    # ----- fit ---------------------------------------------------------------------------------
     def _finalize(self) -> None:
+        grew = bool(getattr(self, "_pending", []))
         bank = self._collect_bank()
         self.bank_size_ = int(bank.shape[0])
         self._check_k(self.k)
-        if self.index != "flat" and (getattr(self, "_index", None) is None or self._index.ntotal != bank.shape[0]):
-            if self.index_bytes_ is not None and _faiss_size(self.index_bytes_) == bank.shape[0]:
-                self._index = self._load_index()
-            else:
-                self._index = self._build_index(bank)
-                self.index_bytes_ = torch.from_numpy(_faiss().serialize_index(self._index).copy())
+        if self.index == "ivf" and (grew or self.ivf_centroids_ is None):
+            self._build_ivf(bank)
+        elif self.index == "hnsw" and (grew or self.index_bytes_ is None):
+            self._index = self._build_hnsw(bank)
+            self.index_bytes_ = torch.from_numpy(_faiss().serialize_index(self._index).copy())
 
-    def _build_index(self, bank: torch.Tensor) -> Any:
+    @staticmethod
+    def _ivf_shape(n: int) -> tuple[int, int]:
+        nlist = max(1, min(int(round(2 * math.sqrt(n))), n // 39))
+        return nlist, max(1, math.ceil(nlist / 56))
+
+    def _build_ivf(self, bank: torch.Tensor) -> None:
+        nlist, _ = self._ivf_shape(bank.shape[0])
+        centroids, lists = la.ivf_lists(bank, nlist)
+        order = torch.argsort(lists, stable=True)
+        self.bank_ = bank[order]  # the bank sorted by list (its order does not matter to KNN)
+        counts = torch.bincount(lists, minlength=nlist)
+        self.ivf_offsets_ = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.ivf_centroids_ = centroids
+
+    def _build_hnsw(self, bank: torch.Tensor) -> Any:
         faiss = _faiss()
         data = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
-        n, d = data.shape
-        if self.index == "hnsw":
-            index = faiss.IndexHNSWFlat(d, 32)
-            index.hnsw.efConstruction = 64
-        else:
-            nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-            index.train(data)
+        index = faiss.IndexHNSWFlat(data.shape[1], 32)
+        index.hnsw.efConstruction = 64
         index.add(data)
-        self._tune(index)
+        self._tune_hnsw(index)
         return index
 
-    def _tune(self, index: Any) -> None:
-        if self.index == "hnsw":
-            index.hnsw.efSearch = max(128, 2 * (self.k + self.MARGIN))
-        else:
-            index.nprobe = max(1, index.nlist // 16)
+    def _tune_hnsw(self, index: Any) -> None:
+        index.hnsw.efSearch = max(128, 2 * (self.k + la.WINDOW + 1))
 
-    def _load_index(self) -> Any:
+    def _load_hnsw(self) -> Any:
         faiss = _faiss()
         try:
             index = faiss.deserialize_index(np.ascontiguousarray(self.index_bytes_.cpu().numpy()))
         except RuntimeError as exc:
             raise ValueError(f"index_bytes_ is not a valid faiss index: {str(exc).splitlines()[0]}") from None
-        self._tune(index)
+        self._tune_hnsw(index)
         return index
 
     def _check_state(self) -> None:
         super()._check_state()
-        if self.index == "flat":
-            if self.index_bytes_ is not None:
-                raise ValueError("index_bytes_ is set, but index='flat' keeps no faiss index")
-            return
-        if not isinstance(self.index_bytes_, torch.Tensor) or self.index_bytes_.dtype != torch.uint8 or self.index_bytes_.ndim != 1:
-            raise ValueError(f"index={self.index!r} needs index_bytes_, a 1-D uint8 tensor (a serialised faiss index)")
-        index = self._load_index()
-        if index.ntotal != self.bank_.shape[0] or index.d != self.bank_.shape[1]:
-            raise ValueError(f"the faiss index holds {index.ntotal} vectors of dimension {index.d}, bank_ has shape {tuple(self.bank_.shape)}")
-        self._index = index
+        n, d = self.bank_.shape
+        kept = {"hnsw": self.index_bytes_ is not None, "ivf": self.ivf_centroids_ is not None or self.ivf_offsets_ is not None}
+        for other, present in kept.items():
+            if other != self.index and present:
+                raise ValueError(f"the state holds an {other} index, but index={self.index!r}")
+        if self.index == "hnsw":
+            b = self.index_bytes_
+            if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.ndim != 1:
+                raise ValueError("index='hnsw' needs index_bytes_, a 1-D uint8 tensor (a serialised faiss index)")
+            index = self._load_hnsw()
+            if index.ntotal != n or index.d != d:
+                raise ValueError(f"the faiss index holds {index.ntotal} vectors of dimension {index.d}, bank_ has shape {(n, d)}")
+            self._index = index
+        elif self.index == "ivf":
+            c, o = self.ivf_centroids_, self.ivf_offsets_
+            if not isinstance(c, torch.Tensor) or not isinstance(o, torch.Tensor) or c.ndim != 2 or c.shape[1] != d or o.shape != (c.shape[0] + 1,):
+                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in (c, o)]
+                raise ValueError(f"ivf_centroids_ {shapes[0]} and ivf_offsets_ {shapes[1]} must be (nlist, {d}) and (nlist + 1,)")
+            if int(o[0]) != 0 or int(o[-1]) != n or bool((o[1:] < o[:-1]).any()):
+                raise ValueError(f"ivf_offsets_ must rise from 0 to the bank size {n}")
 
+    # ----- scoring ----------------------------------------------------------------------------
     def _score(self, outputs: Outputs) -> torch.Tensor:
         x = self._features(outputs, self.bank_.shape[1])
         acc = accumulation_dtype(x.dtype)
@@ -785,24 +811,34 @@ class KNN(_Bank):
             out = self._approximate(queries, bank)
         return self._finite_scores(out, x)
 
-    def _approximate(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        kk = min(bank.shape[0], self.k + self.MARGIN)
+    def _candidates(self, queries: torch.Tensor, bank: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate best candidates: similarities (decreasing, ``-inf`` when missing) and rows."""
+        if self.index == "ivf":
+            _, nprobe = self._ivf_shape(bank.shape[0])
+            centroids = self.ivf_centroids_.to(queries.device, queries.dtype)
+            return la.ivf_top_k(queries, bank, centroids, self.ivf_offsets_, nprobe, kk)
         data = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        _, ids = self._index.search(data, kk)
+        dist_sq, ids = self._index.search(data, kk)
         index = torch.from_numpy(ids).to(queries.device)
-        short = (index < 0).sum(dim=1) > kk - self.k  # fewer than k candidates found
-        out = la.exact_kth_from_candidates(queries, bank, index.clamp_min(0), self.k)
-        if bool(short.any()):
-            rows = torch.nonzero(short)[:, 0]
-            out[rows] = la.kth_neighbour_distance(queries[rows], bank, self.k)
+        values = torch.from_numpy(1.0 - dist_sq / 2.0).to(queries.device, queries.dtype)  # unit vectors
+        values[index < 0] = -math.inf
+        return values, index.clamp_min(0)
+
+    def _approximate(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        kk = min(bank.shape[0], self.k + la.WINDOW + 1)
+        values, index = self._candidates(queries, bank, kk)
+        out = la.kth_from_candidates(queries, bank, values, index, self.k, exhaustive=False)
+        valid = torch.isfinite(values)
+        partial = torch.nonzero(~valid.all(dim=1))[:, 0]  # fewer than kk candidates found
+        if partial.numel():
+            q = queries[partial]
+            dist = la.candidate_distances(q, bank, index[partial])
+            dist[~valid[partial]] = math.inf
+            short = valid[partial].sum(dim=1) < self.k
+            out[partial] = torch.kthvalue(dist, self.k, dim=1).values
+            if bool(short.any()):
+                out[partial[short]] = la.kth_neighbour_distance(q[short], bank, self.k)
         return out
-
-
-def _faiss_size(index_bytes: torch.Tensor) -> int:
-    try:
-        return int(_faiss().deserialize_index(np.ascontiguousarray(index_bytes.cpu().numpy())).ntotal)
-    except RuntimeError:
-        return -1
 
 
 @register
@@ -993,7 +1029,7 @@ class FDBD(_KeepsHead, _FeatureDetector):
     (OpenOOD v1.5 uses the sum instead of the average, the same ranking, and by default the same
     normaliser ``||x - mu_train||``). Score: its negation (higher = more OOD).
 
-    Fit: the head and the training mean (a float64 sum: streams and merges). Pairs of classes
+    Fit: the head and the training mean (batch sums accumulated in float64: streams and merges). Pairs of classes
     with identical weight rows have no decision boundary and are left out of the average (with a
     warning); an input exactly at the training mean has its normaliser clamped to
     ``sqrt(tiny)`` of the dtype instead of dividing by zero.
@@ -1016,13 +1052,18 @@ class FDBD(_KeepsHead, _FeatureDetector):
 
     def _accumulate(self, batch: Outputs) -> None:
         x = batch.feature()
-        la.check_finite(x, "features", self.name)
         if batch.head.num_classes < 2:
             raise ValueError(f"{self.name}: the head has {batch.head.num_classes} class; decision boundaries need at least 2 classes")
         self._keep_head(batch.head)
         if self.feature_sum_ is None:
             self.feature_sum_ = torch.zeros(x.shape[1], dtype=torch.float64, device=self.head_weight_.device)
-        self.feature_sum_ += la.column_sums(x).to(self.feature_sum_.device)
+        # the batch's column sums in the features' precision (torch sums by cascades: an error of
+        # a few ulps), accumulated over batches in float64
+        sums = x.sum(dim=0, dtype=accumulation_dtype(x.dtype)).to(torch.float64)
+        if not bool(torch.isfinite(sums).all()):  # NaN / inf in the batch (or an overflow)
+            la.check_finite(x, "features", self.name)
+            raise ValueError(f"detector {self.name!r}: the feature sums overflow {accumulation_dtype(x.dtype)}")
+        self.feature_sum_ += sums.to(self.feature_sum_.device)
         self.sample_count_ = int(self.sample_count_) + int(x.shape[0])
 
     def _merge(self, other: "FDBD") -> None:
