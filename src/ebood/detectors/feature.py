@@ -544,11 +544,26 @@ class ViM(_PrincipalSpace):
         if x.shape[0] == 0:
             return
         acc = accumulation_dtype(x.dtype)
-        total = 0.0
-        for rows in la.row_slices(x.shape[0], self.head_weight_.shape[0] * 2 * torch.finfo(acc).bits // 8):
-            total += float(self._head_logits(x[rows].to(acc)).amax(dim=1).to(torch.float64).sum())
-        self.max_logit_sum_ = float(self.max_logit_sum_) + total
+        self.max_logit_sum_ = float(self.max_logit_sum_) + self._max_logit_sum(x, acc)
         self._add_sample(x.to(acc))
+
+    def _max_logit_sum(self, x: torch.Tensor, acc: torch.dtype) -> float:
+        """``sum_i max_j z_ij`` of a batch (float64 sum). On the CPU in numpy, like the moments
+        just before, so that BLAS and torch's thread pools do not take turns spinning."""
+        total = 0.0
+        per_row = self.head_weight_.shape[0] * 2 * torch.finfo(acc).bits // 8
+        if x.device.type == "cpu" and self.head_weight_.device.type == "cpu" and acc in (torch.float32, torch.float64):
+            w = self.head_weight_.detach().to(acc).numpy()
+            b = self.head_bias_.detach().to(acc).numpy()
+            data = x.detach().to(acc).numpy()
+            for rows in la.row_slices(x.shape[0], per_row):
+                logits = data[rows] @ w.T
+                logits += b
+                total += float(logits.max(axis=1).sum(dtype=np.float64))
+            return total
+        for rows in la.row_slices(x.shape[0], per_row):
+            total += float(self._head_logits(x[rows].to(acc)).amax(dim=1).to(torch.float64).sum())
+        return total
 
     def _add_sample(self, rows: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         """Offer rows to the bottom-k sample; pruning waits until twice the sample size is buffered."""
@@ -560,7 +575,8 @@ class ViM(_PrincipalSpace):
             self._prune_sample()
 
     def _prune_sample(self) -> None:
-        """Keep the ``ALPHA_SAMPLE`` rows of smallest key, sorted by key (a canonical order)."""
+        """Keep the ``ALPHA_SAMPLE`` rows of smallest key, sorted by key (a canonical order);
+        only the kept rows are copied."""
         parts = list(getattr(self, "_offered", []))
         if self.alpha_sample_ is not None:
             kept = getattr(self, "_sample_keys", None)
@@ -570,10 +586,22 @@ class ViM(_PrincipalSpace):
         self._offered = []
         if not parts:
             return
-        dtype = parts[0][0].dtype
-        rows = torch.cat([r.to(dtype) for r, _ in parts])
-        keys = torch.cat([k.to(rows.device) for _, k in parts])
-        self.alpha_sample_, self._sample_keys = la.bottom_k_rows(rows, keys, self.ALPHA_SAMPLE)
+        dtype, device = parts[0][0].dtype, parts[0][0].device
+        keys = torch.cat([k.to(device) for _, k in parts])
+        ends = torch.tensor([r.shape[0] for r, _ in parts]).cumsum(0).tolist()
+
+        def rows_at(at: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(at.shape[0], parts[0][0].shape[1], dtype=dtype, device=device)
+            start = 0
+            for (rows, _), end in zip(parts, ends):
+                mine = (at >= start) & (at < end)
+                if bool(mine.any()):
+                    out[mine] = rows[(at[mine] - start).to(rows.device)].to(device, dtype)
+                start = end
+            return out
+
+        order = la.bottom_k_order(keys, self.ALPHA_SAMPLE, rows_at)
+        self.alpha_sample_, self._sample_keys = rows_at(order), keys[order]
 
     def _merge(self, other: "ViM") -> None:
         super()._merge(other)
