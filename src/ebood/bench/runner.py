@@ -91,6 +91,15 @@ def _finite(name: str, set_name: str, s: torch.Tensor) -> bool:
     return False
 
 
+def _seeded(name: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Give a stochastic detector (one with a ``seed`` hyperparameter) the benchmark's seed unless
+    the config sets one, so that a run's numbers do not depend on how much of torch's global random
+    stream training used (a cached model trains nothing)."""
+    if "seed" in params or "seed" not in get(name).hyperparameter_names():
+        return dict(params)
+    return {**params, "seed": seed}
+
+
 def evaluate_model(
     result: BenchResult,
     model_name: str,
@@ -120,7 +129,7 @@ def evaluate_model(
     instances: list[tuple[str, dict[str, Any]]] = []
     for spec in detectors:
         for params in spec.candidates():
-            instances.append((candidate_label(spec, params), {"name": spec.name, **params}))
+            instances.append((candidate_label(spec, params), {"name": spec.name, **_seeded(spec.name, params, seed)}))
     all_sets = {name: s.data for name, s in ood_sets.items()}
     all_sets.update({VALIDATION_PREFIX + name: data for name, data in ood_validation.items()} if has_grid else {})
     model_val = None
