@@ -86,6 +86,17 @@ def test_builtin_is_deterministic_and_cached(builtin_result, tmp_path):
     assert [r for r in warm.rows if r["model"] != "openset"] == [r for r in result.rows if r["model"] != "openset"]
 
 
+def test_model_initialisation_depends_on_the_seed_alone(tmp_path):
+    """The open-set model trained after a cached pre-trained model (nothing trained before it) equals
+    the one trained after training the pre-trained model in the same process."""
+    detectors = [DetectorSpec("energy")]
+    run_builtin(seed=0, cache_dir=tmp_path / "a", detectors=detectors, finetuned=False, open_set=False, progress=False)
+    after_cached = run_builtin(seed=0, cache_dir=tmp_path / "a", detectors=detectors, finetuned=False, progress=False)
+    after_training = run_builtin(seed=0, cache_dir=tmp_path / "b", detectors=detectors, finetuned=False, progress=False)
+    openset = lambda r: [row for row in r.rows if row["model"] == "openset"]  # noqa: E731
+    assert openset(after_cached) and openset(after_cached) == openset(after_training)
+
+
 def test_torch_threads_restores_the_setting():
     before = torch.get_num_threads()
     with torch_threads(1):

@@ -70,9 +70,15 @@ def _key(*parts: Any) -> str:
 
 
 def _cached_model(cache: Path | None, key: str, build: Callable[[], nn.Module], train: Callable[[nn.Module], nn.Module],
-                  log: Callable[[str], None], label: str) -> tuple[nn.Module, float]:
-    """Load the model cached under ``key`` or train it (and cache it). Returns (model, seconds trained)."""
-    model = build()
+                  log: Callable[[str], None], label: str, *, seed: int) -> tuple[nn.Module, float]:
+    """Load the model cached under ``key`` or train it (and cache it). Returns (model, seconds trained).
+
+    The model is built with torch's generator seeded by ``seed`` (and the global state restored), so
+    its initial weights depend on the seed alone, not on what ran before it in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
     path = cache / "models" / f"{key}.safetensors" if cache is not None else None
     if path is not None and path.is_file():
         try:
@@ -116,7 +122,7 @@ def _pretrained_models(bm: BuiltinBenchmark, preset: FinetunePreset, seed: int, 
     recipe = asdict(preset)
     base_key = _key("pretrained", bm.train.fingerprint, recipe, seed)
     pretrained, secs = _cached_model(cache, base_key, lambda: DigitsCNN(num_classes=10), _pretrain(bm.train, preset, seed, progress),
-                                     log, "pretrained DigitsCNN")
+                                     log, "pretrained DigitsCNN", seed=seed)
     result.timings["training"] += secs
     models = {"pretrained": (pretrained, "DigitsCNN trained with cross-entropy on the digits training split")}
     if not finetuned:
@@ -129,7 +135,7 @@ def _pretrained_models(bm: BuiltinBenchmark, preset: FinetunePreset, seed: int, 
     }
     for name, (loss, description) in losses.items():
         model, secs = _cached_model(cache, _key(name, base_key, bm.auxiliary.fingerprint), lambda: DigitsCNN(num_classes=10),
-                                    _finetune(pretrained, bm, loss, preset, seed, progress), log, name)
+                                    _finetune(pretrained, bm, loss, preset, seed, progress), log, name, seed=seed)
         result.timings["training"] += secs
         models[name] = (model, description)
     return models
@@ -201,7 +207,7 @@ def _evaluate_open_set(bm: BuiltinBenchmark, preset: FinetunePreset, seed: int, 
     known = int(split["train"].labels.max()) + 1
     key = _key("openset", split["train"].fingerprint, asdict(preset), seed)
     model, secs = _cached_model(cache, key, lambda: DigitsCNN(num_classes=known), _pretrain(split["train"], preset, seed, progress),
-                                log, f"open-set DigitsCNN (digits 0-{known - 1})")
+                                log, f"open-set DigitsCNN (digits 0-{known - 1})", seed=seed)
     result.timings["training"] += secs
     sets = {f"digits_{known}-9": OODSet(split["ood"], "near", f"digits {known}-9, unseen by a model trained on digits 0-{known - 1}")}
     _register_sets(result, sets)

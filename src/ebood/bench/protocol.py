@@ -59,7 +59,7 @@ def _model(config: BenchConfig, checkpoint: str | Path | None, id_train: Any, ca
     key = _key("config-model", config.model.spec, kwargs, train, getattr(id_train, "fingerprint", None), config.seed)
     model, secs = _cached_model(cache, key, lambda: load_model(config.model.spec, None, **kwargs),
                                 lambda m: train_classifier(m, id_train, seed=config.seed, progress=progress, **train), log,
-                                f"{config.model.spec} (trained from scratch)")
+                                f"{config.model.spec} (trained from scratch)", seed=config.seed)
     result.timings["training"] += secs
     return model
 
@@ -81,7 +81,7 @@ def _finetuned(config: BenchConfig, base: nn.Module, id_train: Any, outliers: An
 
         model, secs = _cached_model(cache, _key(name, base_key, params, settings, getattr(id_train, "fingerprint", None),
                                                 getattr(outliers, "fingerprint", None), config.seed),
-                                    lambda: copy.deepcopy(base), run, log, name)
+                                    lambda: copy.deepcopy(base), run, log, name, seed=config.seed)
         result.timings["training"] += secs
         out[name] = (model, f"fine-tuned with {key} loss {params}")
     return out
