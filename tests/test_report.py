@@ -372,6 +372,26 @@ def test_results_table_shows_sets_means_and_accuracy(rendered):
             assert cells[-1] == (f"{100 * doc['models'][m]['id_accuracy']:.2f}" if det == DETECTORS[0] else "")
 
 
+def test_results_table_without_per_set_columns_keeps_the_means(rendered):
+    from rich.console import Console
+
+    from ebood.report import results_table
+
+    doc, _ = rendered
+    console = Console(width=250, record=True, color_system=None)
+    console.print(results_table(doc, per_set=False))
+    text = console.export_text()
+    assert "per OOD set" not in text.splitlines()[0]
+    rows = {(r["model"], r["detector"], r["ood_set"]): r for r in doc["rows"]}
+    m, det = MODELS[0], DETECTORS[0]
+    line = next(ln for ln in text.splitlines() if ln.count("│") > 4 and ln.split("│")[1].strip() == m)
+    cells = [c.strip() for c in line.split("│")[3:-1]]
+    near, far = (rows[(m, det, s)] for s in ("letters", "gaussian"))
+    want = [near["fpr95"], near["auroc"], far["fpr95"], far["auroc"], (near["fpr95"] + far["fpr95"]) / 2,
+            (near["auroc"] + far["auroc"]) / 2, rows[(m, det, "font_digits")]["fpr95"]]
+    assert cells[:-1] == [f"{100 * v:.2f}" for v in want]
+
+
 def test_cli_report_rerenders_and_prints_the_path(tmp_path):
     from typer.testing import CliRunner
 

@@ -159,7 +159,7 @@ def _environment(results: Results) -> str:
              ("created", _when(raw.get("created")) if raw.get("created") else None)]
     versions = raw.get("versions")
     if isinstance(versions, Mapping):
-        items += [(k, v) for k, v in versions.items()]
+        items += [(k, v) for k, v in versions.items() if k != "ebood"]  # already the first item
     repeats = results.config.get("repeats")
     if isinstance(repeats, int) and repeats > 1:
         items.append(("repeats", f"{repeats} (metrics averaged)"))

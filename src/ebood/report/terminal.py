@@ -44,7 +44,9 @@ def results_table(results: Results | Mapping[str, Any], *, metric: str = "fpr95"
     columns += [(f"{s}\n(covariate)", metric, lambda mo, de, s=s: res.value(mo, de, s, metric)) for s in covariate]
 
     arrow = "↓" if metric == "fpr95" else "↑"
-    table = Table(title=f"{res.benchmark}: {label(metric)} (%) {arrow} per OOD set; means of {label('fpr95')} ↓ and AUROC ↑",
+    means = f"means of {label('fpr95')} ↓ and AUROC ↑"
+    title = f"{res.benchmark}: {label(metric)} (%) {arrow} per OOD set; {means}" if per_set else f"{res.benchmark}: {means} (%)"
+    table = Table(title=title,
                   caption="covariate-shift sets are not in the means" if covariate else None)
     table.add_column("model", no_wrap=True)
     table.add_column("detector", no_wrap=True, style="bold")
