@@ -56,12 +56,33 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     return wrap
 
 
+def bare_ray_flag(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS: a bare ``--ray`` (last, or followed by an option or by
+    something that is not an address, such as the input file) becomes ``--ray local``.
+    Addresses are ``local``, ``auto``, ``ray://...`` or ``HOST:PORT``."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not _looks_like_address(nxt):
+                out.append("local")
+    return out
+
+
+def _looks_like_address(text: str) -> bool:
+    if text in ("local", "auto") or "://" in text:
+        return True
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and "/" not in host)
+
+
 def main() -> None:
     """Entry point of the ``ebood`` console script."""
     from . import load_commands
 
     load_commands()
-    app(prog_name="ebood")
+    app(args=bare_ray_flag(sys.argv[1:]), prog_name="ebood")
 
 
 if __name__ == "__main__":  # pragma: no cover

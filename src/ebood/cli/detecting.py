@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -52,6 +53,31 @@ def _read_head(path: Path) -> Any:
         fail(f"{path}: {exc}")
 
 
+def read_head(path: Optional[Path]) -> Any:
+    """The head in ``path`` (None when no file is given)."""
+    return None if path is None else _read_head(path)
+
+
+def ray_address(address: str) -> str | None:
+    """``--ray`` value -> ``ray.init`` address: ``local`` starts a local instance (None)."""
+    return None if address in ("", "local") else address
+
+
+@contextlib.contextmanager
+def connect_ray(address: str) -> Iterator[Any]:
+    """Connect to (or start) Ray for one command, yielding :mod:`ebood.distributed`; shut down
+    afterwards only what this command started."""
+    try:
+        from .. import distributed
+    except ImportError as exc:
+        fail(str(exc))
+    stop = distributed.init_ray(ray_address(address))
+    try:
+        yield distributed
+    finally:
+        stop()
+
+
 def read_outputs_with_head(path: Path, head_file: Optional[Path]) -> Any:
     """Outputs from ``path``; the head from ``head_file`` when given (and then not also in ``path``)."""
     from .. import io
@@ -77,6 +103,10 @@ def fit_command(
     head: Optional[Path] = typer.Option(None, "--head", help="The classifier head as .npz/.safetensors with head_weight (C, D) and head_bias (C,), for training files that cannot hold it (parquet)."),
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="ID validation outputs: set the detector's threshold (then `ebood score --predict` flags OOD)."),
     tpr: float = typer.Option(0.95, "--tpr", help="Share of ID validation samples kept by the threshold (with --calibrate)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=(
+        "Fit on Ray (pip install 'ebood[ray]'): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
+        "are merged in a tree (detectors whose fit is a sum over samples). ADDRESS: auto, ray://HOST:10001, or local."
+    )),
 ) -> None:
     """Fit a detector on in-distribution training outputs and save it for `ebood score --detector`."""
     from ..detectors import MissingFieldError, create
@@ -85,7 +115,11 @@ def fit_command(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            det.fit(read_outputs_with_head(train_file, head))
+            if ray is not None:
+                with connect_ray(ray) as dist:
+                    det = dist.fit(det, train_file, head=read_head(head), sharded_knn=False)
+            else:
+                det.fit(read_outputs_with_head(train_file, head))
             if calibrate is not None:
                 det.calibrate(read_outputs_with_head(calibrate, head), tpr=tpr)
             det.save(output)

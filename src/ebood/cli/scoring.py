@@ -12,6 +12,29 @@ import typer
 from ._app import app, command, fail  # noqa: F401
 
 LOGIT_SCORES = ("energy", "msp", "max_logit", "entropy")
+RAY_HELP = (
+    "Run on Ray (pip install 'ebood[ray]'): INPUT is Parquet file(s) or a directory of them, -o a directory of "
+    "Parquet files written all-or-nothing. ADDRESS: auto (the running cluster), ray://HOST:10001, or local "
+    "(a throwaway local instance; also what a bare --ray means)."
+)
+
+
+def _score_on_ray(input_file: Path, output: Path, score: str, temperature: float, detector: Optional[Path], head: Optional[Path], predict: bool, address: str, overwrite: bool) -> None:
+    """``ebood score ... --ray``: :func:`ebood.distributed.score` on Parquet input."""
+    from ..detectors import create, load
+    from .detecting import connect_ray, read_head
+
+    if detector is not None:
+        det = load(detector)
+        if predict and det.threshold_ is None:
+            fail(f"{detector}: the detector has no threshold; fit it with `ebood fit ... --calibrate ID_FILE` to use --predict")
+    elif score in LOGIT_SCORES:
+        det = create(score, temperature=temperature) if score in ("energy", "msp") else create(score)
+    else:
+        fail(f"--ray scores one detector: choose --score from {', '.join(LOGIT_SCORES)} or give --detector FILE")
+    with connect_ray(address) as dist:
+        out = dist.score(det, input_file, output=output, head=read_head(head), decision=predict, overwrite=overwrite)
+    typer.echo(f"wrote {det.name}{' and is_ood' if predict else ''} for {input_file} to {out}/ (Parquet)")
 
 
 @command("score")
@@ -23,6 +46,8 @@ def score_command(
     detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted detector file (from `ebood fit`)."),
     head: Optional[Path] = typer.Option(None, "--head", help="With --detector: the classifier head (.npz/.safetensors with head_weight, head_bias) for input files that cannot hold it (parquet)."),
     predict: bool = typer.Option(False, "--predict", help="With --detector: also write is_ood (1 = flagged) from the threshold set by `ebood fit --calibrate`."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --ray: replace an existing output directory."),
 ) -> None:
     """Score inputs: logit scores by name, or any fitted detector (higher = more OOD)."""
     import torch
@@ -33,6 +58,9 @@ def score_command(
 
     if detector is None and (head is not None or predict):
         fail("--head and --predict need --detector FILE")
+    if ray_address is not None:
+        _score_on_ray(input_file, output, score, temperature, detector, head, predict, ray_address, overwrite)
+        return
     if detector is not None:
         det = load(detector)
         if predict and det.threshold_ is None:
