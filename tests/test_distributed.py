@@ -405,7 +405,7 @@ def tied_scores(tmp_path_factory):
     return root, id_s, ood_s
 
 
-@pytest.mark.parametrize("tpr,positive", [(0.95, "id"), (0.5, "id"), (0.95, "ood"), (0.3, "ood")])
+@pytest.mark.parametrize("tpr,positive", [(0.95, "id"), (0.3, "ood")])
 def test_evaluate_equals_metrics_with_ties(tied_scores, tpr, positive):
     root, id_s, ood_s = tied_scores
     got = dist.evaluate(root / "id", root / "ood", column="energy", tpr=tpr, positive=positive)
@@ -440,9 +440,11 @@ def test_evaluate_ray_datasets_and_errors(tied_scores, tmp_path):
     _, id_s, ood_s = tied_scores
     id_ds = ray.data.from_numpy(id_s).rename_columns({"data": "s"}).repartition(3)
     ood_ds = ray.data.from_numpy(ood_s).rename_columns({"data": "s"})
+    strategy = id_ds.context.shuffle_strategy
     got = dist.evaluate(id_ds, ood_ds)
     want = metrics.evaluate(id_s, ood_s)
     assert got == pytest.approx(want, rel=1e-12)
+    assert id_ds.context.shuffle_strategy == strategy  # the caller's datasets are left as they were
     pq.write_table(pa.table({"energy": np.array([0.1, np.nan, 0.3])}), tmp_path / "nan.parquet")
     with pytest.raises(dist.PartitionError, match=r"nan.parquet: rows 1\.\.1 .*NaN"):
         dist.evaluate(tmp_path / "nan.parquet", ood_ds.rename_columns({"s": "energy"}))
