@@ -275,7 +275,7 @@ def test_knn_k_larger_than_bank(tmp_path):
 
 
 def test_score_logits_keeps_keys(test_dir, tmp_path):
-    out = dist.score("energy", test_dir, output=tmp_path / "scores")
+    out = dist.score("energy", test_dir, output=tmp_path / "scores", batch_size=7)  # several batches per block
     assert (out / "_SUCCESS").exists() and not leftovers(tmp_path)
     table = read_dir(out)
     assert table.column_names == ["id", "labels", "energy"]  # keys, no list columns, no decision

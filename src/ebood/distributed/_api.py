@@ -11,7 +11,7 @@ from ..detectors import Detector, available, create, get
 from ..outputs import Head
 from . import _knn
 from ._runtime import clean_errors, remote, tree_reduce, write_parquet_atomic
-from ._source import FIELDS, PROVENANCE, PartitionError, as_source, batch_outputs, where
+from ._source import FIELDS, PROVENANCE, PartitionError, as_source, batch_outputs, spec_columns, where
 
 #: rows per scoring batch: large enough that per-batch overhead (and, for KNN, fetching every
 #: shard once per batch) is small, small enough that a (batch, C) float64 block stays ~100 MB
@@ -36,8 +36,18 @@ def _as_detector(detector: Detector | str | Any) -> Any:
 # ----- score ------------------------------------------------------------------------------------
 
 
+def _score_block(table: Any, *, batch_size: int, **kwargs: Any) -> Any:
+    """Ray Data UDF over a whole block, scored ``batch_size`` rows at a time. (Asking Ray Data
+    for fixed-size batches instead would stop it fusing the read with the scoring, and every
+    block would then pass through the object store between the two.)"""
+    import pyarrow as pa
+
+    parts = [_score_batch(table.slice(start, batch_size), **kwargs) for start in range(0, table.num_rows, batch_size)]
+    return pa.concat_tables(parts) if parts else _score_batch(table, **kwargs)
+
+
 def _score_batch(table: Any, *, detector: Any, spec: Mapping[str, Any], widths: Mapping[str, int], files: list[str] | None, head: Head | None, keys: list[str], decision: bool) -> Any:
-    """Ray Data UDF: key columns, the score and (when asked) the decision of one batch."""
+    """Key columns, the score and (when asked) the decision of one batch."""
     import pyarrow as pa
 
     outputs = batch_outputs(table, spec, widths, files, head)
@@ -107,9 +117,11 @@ def score(
     clash = [k for k in keys if k in (det.name, DECISION_COLUMN) or k in PROVENANCE]
     if clash:
         raise ValueError(f"keys: column(s) {', '.join(map(repr, clash))} would clash with the output columns; pass keys=[...] without them")
-    kwargs = {"detector": det, "spec": spec, "widths": source.widths, "files": source.files, "head": head, "keys": keys, "decision": decision}
-    scored = source.dataset.map_batches(
-        _score_batch, batch_size=batch_size, batch_format="pyarrow", fn_kwargs=kwargs, concurrency=concurrency
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    kwargs = {"detector": det, "spec": spec, "widths": source.widths, "files": source.files, "head": head, "keys": keys, "decision": decision, "batch_size": batch_size}
+    scored = source.read(spec_columns(spec) + keys).map_batches(
+        _score_block, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs, concurrency=concurrency
     )
     if output is None:
         return scored
@@ -152,7 +164,7 @@ def _merge_states(*tables: Any) -> Any:
 def _fit_knn(det: Any, source: Any, spec: Mapping[str, Any], batch_size: int | None, concurrency: int | None) -> _knn.ShardedKNN:
     import ray
 
-    shards = source.dataset.map_batches(
+    shards = source.read(spec_columns(spec)).map_batches(
         _knn.shard_from_batch, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
         fn_kwargs={"spec": spec, "widths": source.widths, "files": source.files},
     )
@@ -208,7 +220,7 @@ def fit(
     source, spec = as_source(data, needed, columns, optional=optional if "labels" in needed else ())
     if det.name == "knn" and det.index == "flat" and sharded_knn:
         return _fit_knn(det, source, spec, batch_size, concurrency)
-    states = source.dataset.map_batches(
+    states = source.read(spec_columns(spec)).map_batches(
         _partial_fit, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
         fn_kwargs={"name": det.name, "params": det.get_params(), "spec": spec, "widths": source.widths, "files": source.files, "head": head},
     )

@@ -71,7 +71,7 @@ def _scores_dataset(data: Any, column: str | None, label: int) -> Any:
     col = column or _default_column(_numeric_columns(source.files))
     if col not in source.columns:
         raise ValueError(f"{source.describe()} has no column {col!r}; its columns are: {', '.join(source.columns)}")
-    return source.dataset.map_batches(_score_columns, batch_format="pyarrow", fn_kwargs={"column": col, "label": label, "files": source.files})
+    return source.read([col]).map_batches(_score_columns, batch_format="pyarrow", fn_kwargs={"column": col, "label": label, "files": source.files})
 
 
 def _numeric_columns(files: list[str] | None) -> list[str]:

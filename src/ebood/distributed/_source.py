@@ -4,13 +4,14 @@ Parquet columns follow :func:`ebood.io.read_outputs`: ``logits`` (N, C) and ``fe
 as list columns (one list per row), ``labels`` as an integer column. A field can also be given as
 a list of plain numeric columns (one per class / dimension), e.g. ``columns={"logits": ["c0", "c1"]}``.
 
-Parquet paths are split into pieces of whole row groups (one Ray Data block each), and every row
+Parquet paths are split into pieces of whole row groups of about 128 MB (one Ray Data block each), and every row
 carries two hidden columns, the file's index and its row number in that file, so that a bad row
 is reported as ``file.parquet: rows a..b`` wherever in the cluster it is found.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ FILE_COLUMN = "__ebood_file"
 ROW_COLUMN = "__ebood_row"
 PROVENANCE = (FILE_COLUMN, ROW_COLUMN)
 FIELDS = ("logits", "features", "labels")
-#: rows per piece (a piece is whole row groups, so a piece can be larger)
-PIECE_ROWS = 262_144
+#: uncompressed bytes per piece, Ray Data's default target block size (a piece is whole row
+#: groups, so a file written with larger row groups gives larger pieces)
+PIECE_BYTES = 128 * 2**20
 
 
 class PartitionError(ValueError):
@@ -37,14 +39,25 @@ class PartitionError(ValueError):
 class Source:
     """A Ray Dataset plus what is known about it on the driver."""
 
-    dataset: Any
+    dataset: Any  # a Ray Dataset given by the caller (None for Parquet paths: see read())
     files: list[str] | None  # Parquet inputs: file index -> path (rows carry the index)
     columns: list[str]  # the input's column names (without the provenance columns)
     widths: dict[str, int] = field(default_factory=dict)  # expected row length per field, where known
     list_columns: set[str] = field(default_factory=set)  # columns holding one list per row
 
+    pieces: list[dict[str, Any]] = field(default_factory=list)
+
     def is_list(self, column: str) -> bool:
         return column in self.list_columns
+
+    def read(self, columns: Iterable[str]) -> Any:
+        """The Ray Dataset of the input, reading only ``columns`` (plus provenance) from Parquet."""
+        import ray.data
+
+        if self.dataset is not None:
+            return self.dataset
+        wanted = list(dict.fromkeys(columns))
+        return ray.data.read_datasource(_datasource(self.files, self.pieces, wanted), override_num_blocks=len(self.pieces))
 
     def describe(self) -> str:
         if self.files:
@@ -84,8 +97,8 @@ def _list_columns(schema: Any) -> set[str]:
 
 
 def _pieces(files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """One item per piece: ``{"file": i, "groups": [...], "start": first row}``; and the column
-    names of the first file. Reads only the footers."""
+    """One item per piece: ``{"file": i, "groups": [...], "start": first row, "rows": n, "bytes":
+    uncompressed size}``; and the column names of the first file. Reads only the footers."""
     import pyarrow.parquet as pq
 
     pieces: list[dict[str, Any]] = []
@@ -97,14 +110,15 @@ def _pieces(files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
             raise PartitionError(f"{path}: cannot read the Parquet file: {_first_line(exc)}") from None
         if names is None:
             names = list(meta.schema.to_arrow_schema().names)
-        start, groups, rows = 0, [], 0
+        start, groups, rows, size = 0, [], 0, 0
         for g in range(meta.num_row_groups):
             groups.append(g)
             rows += meta.row_group(g).num_rows
-            if rows >= PIECE_ROWS or g == meta.num_row_groups - 1:
+            size += meta.row_group(g).total_byte_size
+            if size >= PIECE_BYTES or g == meta.num_row_groups - 1:
                 if rows:
-                    pieces.append({"file": i, "groups": groups, "start": start})
-                start, groups, rows = start + rows, [], 0
+                    pieces.append({"file": i, "groups": groups, "start": start, "rows": rows, "bytes": size})
+                start, groups, rows, size = start + rows, [], 0, 0
     return pieces, names or []
 
 
@@ -113,22 +127,47 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _read_pieces(batch: Any, files: list[str], columns: list[str]) -> Any:
-    """Ray Data UDF: read the row groups of each piece, adding the provenance columns."""
+def _read_piece(path: str, file_id: int, groups: list[int], start: int, columns: list[str]) -> Any:
+    """Row groups of one file, with the provenance columns (file index, row number in the file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = []
-    for file_id, groups, start in zip(batch["file"].to_pylist(), batch["groups"].to_pylist(), batch["start"].to_pylist()):
-        path = files[file_id]
-        try:
-            table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
-        except Exception as exc:
-            raise PartitionError(f"{path}: cannot read row groups {groups[0]}..{groups[-1]}: {_first_line(exc)}") from None
-        n = table.num_rows
-        table = table.append_column(FILE_COLUMN, pa.array(np.full(n, file_id, dtype=np.int32)))
-        tables.append(table.append_column(ROW_COLUMN, pa.array(np.arange(start, start + n, dtype=np.int64))))
-    return pa.concat_tables(tables)
+    try:  # one thread: a task holds one CPU, and the cluster's parallelism comes from its tasks
+        table = pq.ParquetFile(path).read_row_groups(groups, columns=columns, use_threads=False)
+    except Exception as exc:
+        raise PartitionError(f"{path}: cannot read row groups {groups[0]}..{groups[-1]}: {_first_line(exc)}") from None
+    n = table.num_rows
+    table = table.append_column(FILE_COLUMN, pa.array(np.full(n, file_id, dtype=np.int32)))
+    return table.append_column(ROW_COLUMN, pa.array(np.arange(start, start + n, dtype=np.int64)))
+
+
+def _datasource(files: list[str], pieces: list[dict[str, Any]], columns: list[str]) -> Any:
+    """A Ray Data source with one read task per piece (so each piece is one block, read where
+    Ray schedules it, and Ray Data knows every block's rows and size before reading)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ParquetPieces(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return int(sum(p["bytes"] for p in pieces))
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[Any]:
+            tasks = []
+            for p in pieces:
+                path = files[p["file"]]
+                meta = BlockMetadata(num_rows=p["rows"], size_bytes=p["bytes"], exec_stats=None, input_files=(path,))
+                read = functools.partial(_read_piece_list, path, p["file"], p["groups"], p["start"], columns)
+                tasks.append(ReadTask(read, meta))
+            return tasks
+
+        def get_name(self) -> str:
+            return "EboodParquet"
+
+    return ParquetPieces()
+
+
+def _read_piece_list(path: str, file_id: int, groups: list[int], start: int, columns: list[str]) -> list[Any]:
+    return [_read_piece(path, file_id, groups, start, columns)]
 
 
 # ----- building the source ----------------------------------------------------------------------
@@ -209,13 +248,9 @@ def as_source(data: Any, needed: Iterable[str], columns: Mapping[str, Any] | Non
     widths = _peek_widths(files, spec)
     if not pieces:
         raise ValueError(f"{files[0] if len(files) == 1 else 'the input files'}: no rows to read")
-    read_columns = available  # key columns travel with the rows; list-less reads are cheap
-    ds = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
-        _read_pieces, batch_size=1, batch_format="pyarrow", fn_kwargs={"files": files, "columns": read_columns}
-    )
     import pyarrow.parquet as pq
 
-    return Source(ds, files, available, widths, _list_columns(pq.ParquetFile(files[0]).schema_arrow)), spec
+    return Source(None, files, available, widths, _list_columns(pq.ParquetFile(files[0]).schema_arrow), pieces), spec
 
 
 # ----- one batch -> Outputs ---------------------------------------------------------------------
