@@ -226,7 +226,11 @@ def test_k_smallest_distances_against_brute_force():
     rng = np.random.default_rng(5)
     bank = rng.normal(size=(300, D))
     bank[100:110] = bank[0]  # exact duplicates: ties at rank k
-    q = np.concatenate([bank[:5] + 1e-9, rng.normal(size=(20, D))])
+    # near-duplicates of bank[1] closer than float64 similarities can tell apart: only exact
+    # distances over every row within the rounding margin find the true k nearest
+    steps = rng.normal(size=(30, D))
+    bank[200:230] = bank[1] + np.arange(1, 31)[:, None] * 1e-9 * steps / np.linalg.norm(steps, axis=1, keepdims=True)
+    q = np.concatenate([bank[:5] + 1e-9, bank[1:2], rng.normal(size=(20, D))])
     norm = lambda a: torch.from_numpy(a / np.linalg.norm(a, axis=1, keepdims=True))  # noqa: E731
     for k in (1, 5, 12, 300):
         got = k_smallest_distances(norm(q), norm(bank), k).numpy()

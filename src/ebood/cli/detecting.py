@@ -63,14 +63,20 @@ def ray_address(address: str) -> str | None:
     return None if address in ("", "local") else address
 
 
-@contextlib.contextmanager
-def connect_ray(address: str) -> Iterator[Any]:
-    """Connect to (or start) Ray for one command, yielding :mod:`ebood.distributed`; shut down
-    afterwards only what this command started."""
+def distributed_module() -> Any:
+    """:mod:`ebood.distributed`, or a one-line error saying how to install Ray."""
     try:
         from .. import distributed
     except ImportError as exc:
         fail(str(exc))
+    return distributed
+
+
+@contextlib.contextmanager
+def connect_ray(address: str) -> Iterator[Any]:
+    """Connect to (or start) Ray for one command, yielding :mod:`ebood.distributed`; shut down
+    afterwards only what this command started."""
+    distributed = distributed_module()
     stop = distributed.init_ray(ray_address(address))
     try:
         yield distributed
@@ -104,7 +110,7 @@ def fit_command(
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="ID validation outputs: set the detector's threshold (then `ebood score --predict` flags OOD)."),
     tpr: float = typer.Option(0.95, "--tpr", help="Share of ID validation samples kept by the threshold (with --calibrate)."),
     ray: Optional[str] = typer.Option(None, "--ray", help=(
-        "Fit on Ray (pip install 'ebood[ray]'): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
+        "Fit on Ray (pip install 'ebood\\[ray]'): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
         "are merged in a tree (detectors whose fit is a sum over samples). ADDRESS: auto, ray://HOST:10001, or local."
     )),
 ) -> None:
@@ -116,6 +122,7 @@ def fit_command(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if ray is not None:
+                distributed_module().check_mergeable(det)  # before starting Ray
                 with connect_ray(ray) as dist:
                     det = dist.fit(det, train_file, head=read_head(head), sharded_knn=False)
             else:

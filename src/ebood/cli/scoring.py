@@ -13,7 +13,7 @@ from ._app import app, command, fail  # noqa: F401
 
 LOGIT_SCORES = ("energy", "msp", "max_logit", "entropy")
 RAY_HELP = (
-    "Run on Ray (pip install 'ebood[ray]'): INPUT is Parquet file(s) or a directory of them, -o a directory of "
+    "Run on Ray (pip install 'ebood\\[ray]'): INPUT is Parquet file(s) or a directory of them, -o a directory of "
     "Parquet files written all-or-nothing. ADDRESS: auto (the running cluster), ray://HOST:10001, or local "
     "(a throwaway local instance; also what a bare --ray means)."
 )

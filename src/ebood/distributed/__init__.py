@@ -21,10 +21,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ebood.distributed needs Ray Data: pip install 'ebood[ray]'") from exc
 
-from ._api import fit, mergeable, score
+from ._api import check_mergeable, fit, mergeable, score
 from ._knn import ShardedKNN
 from ._metrics import evaluate
 from ._runtime import init_ray, write_parquet_atomic
 from ._source import PartitionError, parquet_files
 
-__all__ = ["score", "fit", "evaluate", "mergeable", "ShardedKNN", "PartitionError", "init_ray", "parquet_files", "write_parquet_atomic"]
+__all__ = ["score", "fit", "evaluate", "mergeable", "check_mergeable", "ShardedKNN", "PartitionError", "init_ray", "parquet_files", "write_parquet_atomic"]

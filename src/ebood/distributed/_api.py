@@ -25,6 +25,17 @@ def mergeable() -> list[str]:
     return [n for n in available() if get(n).streaming]
 
 
+def check_mergeable(det: Any) -> None:
+    """TypeError unless :func:`fit` can fit ``det`` (a sum over samples, or nothing to fit)."""
+    if isinstance(det, _knn.ShardedKNN):
+        raise TypeError("this ShardedKNN is already fitted")
+    if not det.streaming and det.needs_fit:
+        raise TypeError(
+            f"detector {det.name!r} fits on all its data at once, so it cannot be fitted across a cluster; "
+            f"detectors that can: {', '.join(mergeable())} (or fit it on one machine with a sample of the data)"
+        )
+
+
 def _as_detector(detector: Detector | str | Any) -> Any:
     if isinstance(detector, str):
         return create(detector)
@@ -206,15 +217,9 @@ def fit(
     the object store (``sharded_knn=False`` gathers the bank into an ordinary KNN instead).
     """
     det = _as_detector(detector)
-    if isinstance(det, _knn.ShardedKNN):
-        raise TypeError("this ShardedKNN is already fitted")
-    if not det.streaming:
-        if not det.needs_fit:
-            return det
-        raise TypeError(
-            f"detector {det.name!r} fits on all its data at once, so it cannot be fitted across a cluster; "
-            f"detectors that can: {', '.join(mergeable())} (or fit it on one machine with a sample of the data)"
-        )
+    check_mergeable(det)
+    if not det.streaming:  # nothing to fit
+        return det
     needed = [f for f in det.requires + det.fit_requires if f in FIELDS]
     optional = [f for f in ("logits",) if f not in needed]  # logits tell class-based fits the class count
     source, spec = as_source(data, needed, columns, optional=optional if "labels" in needed else ())
