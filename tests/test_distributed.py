@@ -305,6 +305,15 @@ def test_score_dataset_lazily(test_dir):
     np.testing.assert_allclose(table["msp"].to_numpy(), ebood.scores.msp(TEST.logits).numpy(), rtol=1e-12)
 
 
+def test_score_ray_tensor_column():
+    """ray.data.from_numpy of a 2-D array gives a tensor column, mapped with columns=."""
+    ds = ray.data.from_numpy(TEST.features.numpy())
+    knn = single("knn")
+    table = pa.concat_tables(ray.get(dist.score(knn, ds, columns={"features": "data"}).to_arrow_refs()))
+    assert table.column_names == ["knn"]
+    np.testing.assert_allclose(np.sort(table["knn"].to_numpy()), np.sort(scores_of(knn)), rtol=1e-12)
+
+
 def test_score_refuses_existing_output(test_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):

@@ -297,6 +297,9 @@ def _matrix(table: Any, field_name: str, col: Any, width: int | None, files: lis
     else:
         arr = _column(table, col)
         t = arr.type
+        if isinstance(t, pa.ExtensionType):  # Ray's tensor columns (ray.data.from_numpy of a 2-D array)
+            data = _tensor_column(table, arr, col, field_name, files)
+            return _check_values(table, data, field_name, files)
         if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
             raise PartitionError(f"{where(table, files)}: column {col!r} ({field_name}) holds {t}, expected one list of numbers per row")
         lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
@@ -308,6 +311,22 @@ def _matrix(table: Any, field_name: str, col: Any, width: int | None, files: lis
             what = "null rows" if not got else f"rows of length {', '.join(map(str, got[:5]))}"
             raise PartitionError(f"{where(table, files, bad)}: column {col!r} ({field_name}) has {what}, expected length {expected}")
         data = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, expected)
+    return _check_values(table, data, field_name, files)
+
+
+def _tensor_column(table: Any, arr: Any, col: str, field_name: str, files: list[str] | None) -> np.ndarray:
+    try:
+        data = np.asarray(arr.to_numpy(zero_copy_only=False))
+    except Exception as exc:
+        raise PartitionError(f"{where(table, files)}: column {col!r} ({field_name}) cannot be read as numbers: {_first_line(exc)}") from None
+    if data.ndim != 2 or data.dtype == object:
+        raise PartitionError(f"{where(table, files)}: column {col!r} ({field_name}) holds rows of shape {data.shape[1:]}, expected one vector per row")
+    return data
+
+
+def _check_values(table: Any, data: np.ndarray, field_name: str, files: list[str] | None) -> np.ndarray:
+    """``data``, or a PartitionError naming the rows that hold NaN / infinity (or non-numbers)."""
+    n = table.num_rows
     if data.dtype.kind not in "fiu":
         raise PartitionError(f"{where(table, files)}: {field_name} must be numbers, got dtype {data.dtype}")
     finite = np.isfinite(data).all(axis=1) if data.dtype.kind == "f" else np.ones(n, dtype=bool)
