@@ -198,6 +198,20 @@ def test_fit_maps_fields_to_other_columns(tmp_path):
     np.testing.assert_allclose(scores_of(got), scores_of(ref), rtol=1e-9)
 
 
+def test_parquet_paths_files_directories_globs(train_dir, tmp_path):
+    files = sorted(str(p) for p in train_dir.glob("*.parquet"))
+    (train_dir / "_SUCCESS").write_text("")  # markers and hidden files are not data
+    assert dist.parquet_files(train_dir) == files
+    assert dist.parquet_files(str(train_dir / "part-0[12].parquet")) == files[1:3]
+    assert dist.parquet_files([files[3], train_dir / "part-00.parquet"]) == [files[3], files[0]]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        dist.parquet_files(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no file or directory matches"):
+        dist.parquet_files(str(tmp_path / "nothing-*"))
+    with pytest.raises(FileNotFoundError, match="holds no .parquet files"):
+        dist.parquet_files(tmp_path)
+
+
 def test_fit_refuses_detectors_that_are_not_sums():
     with pytest.raises(TypeError, match="cannot be fitted across a cluster.*mahalanobis"):
         dist.fit("react", "unused.parquet")

@@ -180,8 +180,6 @@ def evaluate(id_scores: Any, ood_scores: Any, *, column: str | None = None, tpr:
     numeric column besides ``is_ood``). Definitions and results are those of
     :func:`ebood.metrics.evaluate` on the gathered scores (exact, ties included).
     """
-    import ray
-
     tpr = _check_tpr(tpr)
     if positive not in ("id", "ood"):
         raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")

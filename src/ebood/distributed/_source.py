@@ -12,6 +12,7 @@ is reported as ``file.parquet: rows a..b`` wherever in the cluster it is found.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +70,21 @@ class Source:
 
 
 def parquet_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Parquet files named by ``paths`` (files or directories, searched recursively, sorted).
+    """Parquet files named by ``paths`` (files, directories searched recursively, or glob
+    patterns; sorted).
     Names starting with ``.`` or ``_`` (temporary files, ``_SUCCESS``) are skipped, as pyarrow does."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not items:
         raise ValueError("no input paths given")
+    expanded: list[str] = []
+    for item in items:  # shell-style patterns (logs/2025-*/) are expanded, sorted
+        text = os.fspath(item)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches:
+            raise FileNotFoundError(f"{text}: no file or directory matches")
+        expanded.extend(matches)
     out: list[str] = []
-    for item in items:
+    for item in expanded:
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
