@@ -187,6 +187,10 @@ def test_fit_ray_dataset_with_many_blocks():
     ref = single("mahalanobis")
     assert torch.equal(got.class_counts_, ref.class_counts_)
     np.testing.assert_allclose(scores_of(got), scores_of(ref), rtol=1e-9)
+    small = dist.fit("relative_mahalanobis", ds, batch_size=150, fanout=3)  # batches smaller than blocks
+    assert_same_state(small, single("relative_mahalanobis"))
+    with pytest.raises(ValueError, match="fanout must be >= 2"):
+        dist.fit("mahalanobis", ds, fanout=1)
 
 
 def test_fit_maps_fields_to_other_columns(tmp_path):
