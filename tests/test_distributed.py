@@ -479,6 +479,9 @@ def test_evaluate_ray_datasets_and_errors(tied_scores, tmp_path):
     pq.write_table(pa.table({"energy": np.array([0.1, np.nan, 0.3])}), tmp_path / "nan.parquet")
     with pytest.raises(dist.PartitionError, match=r"nan.parquet: rows 1\.\.1 .*NaN"):
         dist.evaluate(tmp_path / "nan.parquet", ood_ds.rename_columns({"s": "energy"}))
+    pq.write_table(pa.table({"energy": np.array([0.1, 0.2, 0.3, -np.inf])}), tmp_path / "inf.parquet")
+    with pytest.raises(dist.PartitionError, match=r"inf.parquet: rows 3\.\.3 .*infinite"):
+        dist.evaluate(id_ds.rename_columns({"s": "energy"}), tmp_path / "inf.parquet")
 
 
 # ----- CLI -----------------------------------------------------------------------------------------------

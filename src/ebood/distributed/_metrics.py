@@ -36,7 +36,7 @@ N_OOD = "n_ood"
 
 def _score_columns(table: Any, *, column: str, label: int, files: list[str] | None) -> Any:
     """Ray Data UDF: ``score`` (float64, -0.0 made 0.0 so that equal scores group together) and
-    ``ood`` (0 / 1) from a batch of scores; NaN is an error naming the rows."""
+    ``ood`` (0 / 1) from a batch of scores; NaN or inf is an error naming the rows."""
     import pyarrow as pa
 
     col = table.column(column)
@@ -45,9 +45,9 @@ def _score_columns(table: Any, *, column: str, label: int, files: list[str] | No
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise PartitionError(f"{where(table, files)}: column {column!r} holds {col.type}, expected one number per row")
     s = col.to_numpy().astype(np.float64) + 0.0
-    nan = np.isnan(s)
-    if nan.any():
-        raise PartitionError(f"{where(table, files, nan)}: column {column!r} has NaN scores")
+    bad = ~np.isfinite(s)  # as ebood.metrics: an infinite score has no place on a ROC curve's axis
+    if bad.any():
+        raise PartitionError(f"{where(table, files, bad)}: column {column!r} has NaN or infinite scores")
     return pa.table({SCORE: s, OOD: np.full(s.shape[0], label, dtype=np.int64)})
 
 
