@@ -308,26 +308,100 @@ def _torch_tile_values(dtype: torch.dtype) -> int:
     return max(1, CHUNK_BYTES // (_TORCH_TILE_COPIES * itemsize))
 
 
+def _torch_tiles(block: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of the torch path's tiles of ``block``: as many whole rows as fit the budget."""
+    budget = _torch_tile_values(block.dtype)
+    return max(1, budget // block.shape[1]), min(block.shape[1], budget)
+
+
+def _scratch(work: list[torch.Tensor], values: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The torch path's scratch buffer, cached across the blocks of one call (allocated on first use)."""
+    if not work or work[0].numel() < values:
+        work[:] = [torch.empty(values, dtype=dtype, device=device)]
+    return work[0]
+
+
 def _torch_block(
     block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int, work: list[torch.Tensor]
 ) -> None:
     """Scores of a 2-D block by chunked torch ops (any device / dtype), into ``out[...][row0:]``.
 
-    ``work`` caches the scratch buffer across blocks of one call (allocated on first use).
+    Rows that fit a tile take the short path below: a handful of whole-tile ops, no branch on the
+    data and no device synchronisation (on a GPU the Python cost per op, not the memory, is what
+    a longer sequence would pay for). Rows whose max is not finite (NaN, +inf, all -inf) come out
+    non-finite there and are recomputed exactly by :func:`_fix_special_rows`, once per call.
+    Rows longer than a tile are merged column tile by column tile (:class:`_RowState`).
     """
+    tile_rows, tile_cols = _torch_tiles(block)
+    if tile_cols < block.shape[1]:
+        _torch_block_online(block, temperature, out, row0, work)
+        return
+    acc = accumulation_dtype(block.dtype)
+    scratch = _scratch(work, 2 * min(block.numel(), tile_rows * block.shape[1]), acc, block.device)
+    for r in range(0, block.shape[0], tile_rows):
+        _short_rows(block[r : r + tile_rows], temperature, out, row0 + r, scratch)
+
+
+def _short_rows(tile: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int, scratch: torch.Tensor) -> None:
+    """One tile of whole rows: ``m`` and the first argmax, then ``r = S - 1`` (the exact 1 of the
+    max left out, so confident rows keep their relative precision) and ``T_1``."""
+    rows = slice(row0, row0 + tile.shape[0])
+    m, arg = tile.max(dim=-1)
+    m = m.to(scratch.dtype)
+    d = scratch[: tile.numel()].view(tile.shape)
+    e = scratch[tile.numel() : 2 * tile.numel()].view(tile.shape)
+    torch.sub(tile, m.unsqueeze(-1), out=d)  # -inf where z is -inf or z - m overflows: exp gives 0
+    at_max = arg.unsqueeze(-1)
+    if "entropy" in out or temperature == 1.0:
+        torch.exp(d, out=e).scatter_(1, at_max, 0.0)
+        r_1 = e.sum(dim=-1)
+        if "entropy" in out:
+            s_1 = r_1 + 1.0
+            # 0 * -inf is NaN and stands for 0 (rows with NaN inputs are recomputed anyway)
+            out["entropy"][rows] = torch.log1p(r_1) - e.mul_(d).nansum(dim=-1) / s_1
+    if temperature != 1.0:
+        torch.exp(d.div_(temperature), out=e).scatter_(1, at_max, 0.0)
+        r_t = e.sum(dim=-1)
+    else:
+        r_t = r_1
+    out["energy"][rows] = -(m + temperature * torch.log1p(r_t))
+    out["msp"][rows] = -1.0 / (r_t + 1.0)
+    out["max_logit"][rows] = -m
+    out["prediction"][rows] = arg
+
+
+def _fix_special_rows(x: torch.Tensor, max_rows: int, temperature: float, out: dict[str, torch.Tensor]) -> None:
+    """Recompute exactly the rows whose max is not finite (the short path flags them by a
+    non-finite max_logit); the one device synchronisation of a call on the torch path."""
+    special = ~torch.isfinite(out["max_logit"])
+    if not bool(special.any()):
+        return
+    work: list[torch.Tensor] = []
+    for row0, block in _row_blocks(x, max_rows):
+        picked = special[row0 : row0 + block.shape[0]].nonzero().squeeze(1)
+        if picked.numel() == 0:
+            continue
+        part = {k: torch.empty(picked.numel(), dtype=v.dtype, device=v.device) for k, v in out.items()}
+        _torch_block_online(block[picked], temperature, part, 0, work)
+        for key, value in part.items():
+            out[key][row0 + picked] = value
+
+
+def _torch_block_online(
+    block: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int, work: list[torch.Tensor]
+) -> None:
+    """Scores of a 2-D block merged tile by tile with the online normaliser (any row length;
+    exact for NaN / +inf / -inf), into ``out[...][row0:]``."""
     rows, cols = block.shape
     acc = accumulation_dtype(block.dtype)
-    budget = _torch_tile_values(block.dtype)
-    tile_rows, tile_cols = max(1, budget // cols), min(cols, budget)
-    need = 2 * min(budget, rows * cols)  # two tiles: shifted logits and exponentials
-    if not work or work[0].numel() < need:
-        work[:] = [torch.empty(need, dtype=acc, device=block.device)]
+    tile_rows, tile_cols = _torch_tiles(block)
+    scratch = _scratch(work, 2 * min(_torch_tile_values(block.dtype), rows * cols), acc, block.device)
     want_entropy = "entropy" in out
     for r in range(0, rows, tile_rows):
         tile = block[r : r + tile_rows]
         state = _RowState(tile.shape[0], acc, block.device)
         for c in range(0, cols, tile_cols):  # one column tile unless a single row exceeds the budget
-            state.update(tile[:, c : c + tile_cols], c, temperature, want_entropy, work[0])
+            state.update(tile[:, c : c + tile_cols], c, temperature, want_entropy, scratch)
         for key, value in state.finish(temperature, want_entropy).items():
             out[key][row0 + r : row0 + r + tile.shape[0]] = value
 
@@ -359,6 +433,8 @@ def _compute(logits: Any, temperature: float, want_entropy: bool) -> dict[str, t
             _native_block(block, temperature, out, row0)
         else:
             _torch_block(block, temperature, out, row0, work)
+    if work:  # the torch path ran (it allocates its scratch buffer first)
+        _fix_special_rows(x, max_rows, temperature, out)
     return {k: v.reshape(lead) for k, v in out.items()}
 
 
