@@ -4,11 +4,12 @@ sequence and torch.logsumexp, measured in one run on the same data.
     python benchmarks/logit_scores_gpu.py                       # float32 and bfloat16, four shapes
     python benchmarks/logit_scores_gpu.py --shape 4096x128000 --repeat 50
 
-On a GPU the logit scores run ebood's chunked torch path (no native kernel). For each shape and
-dtype it prints the best-of-k time (CUDA events) of
+For each shape and dtype it prints the best-of-k time (CUDA events) of
 
 * ``x.sum(-1)``: one read pass over the logits, and the bandwidth it reaches;
-* ``ebood``: ``ebood.scores.logit_scores(x)`` (energy, msp, max_logit, entropy, prediction);
+* ``ebood``: ``ebood.scores.logit_scores(x)`` (energy, msp, max_logit, entropy, prediction),
+  which runs ebood's Triton kernel on CUDA tensors;
+* ``ebood torch path``: the same with the kernel switched off (chunked eager torch);
 * ``naive torch``: softmax -> max, logsumexp, (softmax * log_softmax).sum, max;
 * ``torch.logsumexp``: the energy alone;
 
@@ -39,9 +40,20 @@ def naive_scores(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def ebood_torch_path(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """logit_scores with the Triton kernel switched off (chunked eager torch)."""
+    usable = scores._triton_usable
+    scores._triton_usable = lambda _: False
+    try:
+        return scores.logit_scores(x)
+    finally:
+        scores._triton_usable = usable
+
+
 METHODS: dict[str, Callable[[torch.Tensor], object]] = {
     "x.sum(-1)": lambda x: x.sum(-1),
     "ebood": scores.logit_scores,
+    "ebood torch path": ebood_torch_path,
     "naive torch": naive_scores,
     "torch.logsumexp": lambda x: torch.logsumexp(x.float(), dim=-1),
 }

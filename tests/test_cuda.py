@@ -48,26 +48,63 @@ def make(name: str) -> detectors.Detector:
 # ----- scores ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Both CUDA code paths: the Triton kernel (when Triton is installed) and chunked eager torch."""
+    if request.param == "torch":
+        monkeypatch.setattr(scores, "_triton_usable", lambda x: False)
+    elif not scores._triton_usable(torch.zeros(1, 2, device="cuda")):
+        pytest.skip("Triton is not available")
+    return request.param
+
+
+def exact_reference(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float64 scores, with the max's exact 1 left out of the sums (log1p) as a 50-digit
+    computation would keep it."""
+    r = x.double()
+    m, arg = r.max(-1)
+    d = r - m.unsqueeze(-1)
+    e = torch.exp(d)
+    rest = e.scatter(1, arg.unsqueeze(-1), 0.0).sum(-1)
+    return {"energy": -(m + torch.log1p(rest)), "msp": -1.0 / (1.0 + rest), "max_logit": -m,
+            "entropy": torch.log1p(rest) - torch.nansum(e * d, -1) / (1.0 + rest), "prediction": arg}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_logit_scores_on_cuda_match_float64_on_the_rounded_inputs(dtype):
-    x = (torch.randn(3000, 1000, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+@pytest.mark.parametrize("cols", [1000, 9000])
+def test_logit_scores_on_cuda_match_float64_on_the_rounded_inputs(dtype, cols, path):
+    x = (torch.randn(3000, cols, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
     x[0] = 6.0e4 if dtype == torch.float16 else 1.0e30  # huge and equal: no overflow, msp = -1/C
+    x[1, : cols // 2] = -40.0
+    x[1, cols - 3 :] = torch.tensor([0.0, -32.0, -33.0])  # confident: entropy ~ 1e-12
     got = scores.logit_scores(x.cuda())
-    ref = x.double()
-    lse = torch.logsumexp(ref, dim=-1)
-    p = torch.softmax(ref, dim=-1)
-    want = {"energy": -lse, "msp": -p.max(-1).values, "max_logit": -ref.max(-1).values,
-            "entropy": -(torch.special.xlogy(p, p)).sum(-1)}
+    want = exact_reference(x)
+    assert torch.equal(got.pop("prediction").cpu(), want.pop("prediction"))
     for key, w in want.items():
         g = got[key]
         assert g.device.type == "cuda"
         assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        err = ((g.double().cpu() - w).abs() / w.abs().clamp_min(1e-3)).max().item()
+        err = ((g.double().cpu() - w).abs() / w.abs().clamp_min(1e-30)).max().item()
         assert err < (1e-10 if dtype == torch.float64 else 1e-5), (key, err)
-    assert torch.equal(got["prediction"].cpu(), ref.argmax(-1))
 
 
-def test_large_cuda_logits_need_no_n_by_c_temporary():
+def test_non_finite_rows_on_cuda_follow_the_exact_limits(path):
+    x = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1))
+    x[0, 7] = math.nan
+    x[1, 4100] = x[1, 4200] = math.inf
+    x[2] = -math.inf
+    x[3, 4096:] = -math.inf
+    got = {k: v.cpu() for k, v in scores.logit_scores(x.cuda()).items()}
+    assert all(torch.isnan(got[k][0]) for k in ("energy", "msp", "max_logit", "entropy")) and got["prediction"][0] == 7
+    assert got["energy"][1] == -math.inf and got["max_logit"][1] == -math.inf and got["prediction"][1] == 4100
+    assert got["msp"][1] == pytest.approx(-0.5) and got["entropy"][1] == pytest.approx(math.log(2))
+    assert got["energy"][2] == math.inf and torch.isnan(got["msp"][2]) and torch.isnan(got["entropy"][2])
+    want = exact_reference(x[3:])
+    for key in ("energy", "msp", "max_logit", "entropy"):
+        assert torch.allclose(got[key][3:].double(), want[key], rtol=1e-5), key
+
+
+def test_large_cuda_logits_need_no_n_by_c_temporary(path):
     x = torch.randn(20000, 8192, device="cuda")  # 625 MiB
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

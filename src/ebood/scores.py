@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ._arrays import accumulation_dtype, as_float_tensor
-from ._native import scores_kernel
+from ._native import scores_kernel, triton_row_reductions
 
 __all__ = ["energy", "msp", "max_logit", "entropy", "logit_scores", "SCORE_NAMES"]
 
@@ -194,6 +194,35 @@ def _native_block(block: torch.Tensor, temperature: float, out: dict[str, torch.
         )  # fmt: skip
 
     _in_parallel(run_rows, rows, cols)
+
+
+# ----- Triton path (CUDA) ------------------------------------------------------------------------
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in _NATIVE_DTYPES and x.layout == torch.strided and triton_row_reductions() is not None
+
+
+def _triton_rows(x: torch.Tensor, temperature: float, out: dict[str, torch.Tensor]) -> None:
+    """All rows in one kernel launch when ``x`` flattens to ``(-1, C)`` with unit column stride;
+    otherwise bounded contiguous copies of row blocks, a launch each."""
+    cols = x.shape[-1]
+    try:
+        whole = x.view(-1, cols) if x.stride(-1) == 1 else None
+    except RuntimeError:
+        whole = None
+    blocks = [(0, whole)] if whole is not None else _row_blocks(x, max(1, CHUNK_BYTES // (cols * x.element_size())))
+    row_reductions = triton_row_reductions()
+    for row0, block in blocks:
+        red = row_reductions(block if block.stride(-1) == 1 else block.contiguous(), temperature)
+        rows = slice(row0, row0 + block.shape[0])
+        m, ties = red["m"], red["ties"]
+        out["energy"][rows] = -(m + temperature * torch.log1p((ties - 1.0) + red["rt"]))
+        out["msp"][rows] = -1.0 / (ties + red["rt"])
+        out["max_logit"][rows] = -m
+        if "entropy" in out:
+            out["entropy"][rows] = torch.log1p((ties - 1.0) + red["r1"]) - red["t1"] / (ties + red["r1"])
+        out["prediction"][rows] = red["arg"]
 
 
 # ----- torch path ---------------------------------------------------------------------------------
@@ -419,6 +448,10 @@ def _compute(logits: Any, temperature: float, want_entropy: bool) -> dict[str, t
     out = {k: torch.empty(n, dtype=acc, device=x.device) for k in names}
     out["prediction"] = torch.empty(n, dtype=torch.int64, device=x.device)
 
+    if _triton_usable(x):
+        _triton_rows(x, temperature, out)
+        _fix_special_rows(x, max(1, _torch_tile_values(x.dtype) // cols), temperature, out)
+        return {k: v.reshape(lead) for k, v in out.items()}
     native = _native_usable(x, temperature)
     if native:
         # the kernel reads in place; a copy is only needed for non-unit column strides

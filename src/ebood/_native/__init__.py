@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any, Callable
 
-__all__ = ["scores_kernel", "scores_kernel_isa", "native_disabled"]
+__all__ = ["scores_kernel", "scores_kernel_isa", "native_disabled", "triton_row_reductions"]
 
 
 def native_disabled() -> bool:
@@ -31,3 +32,22 @@ def _load() -> ModuleType | None:
 
 scores_kernel: ModuleType | None = _load()
 scores_kernel_isa: str | None = getattr(scores_kernel, "isa", None)
+
+
+_triton: list[Callable[..., Any] | None] = []
+
+
+def triton_row_reductions() -> Callable[..., Any] | None:
+    """The CUDA kernel of the logit scores (:mod:`ebood._native._triton_scores`), or ``None`` where
+    Triton is not installed (CPU builds of torch) or ``EBOOD_NO_NATIVE`` is set. Imported on the
+    first call, not with ebood: importing Triton takes a while and only CUDA inputs need it."""
+    if native_disabled():
+        return None
+    if not _triton:
+        try:
+            from ._triton_scores import row_reductions
+        except ImportError:
+            row_reductions = None  # type: ignore[assignment]
+        _triton.append(row_reductions)
+    return _triton[0]
+
