@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ._arrays import accumulation_dtype, as_float_tensor
-from ._native import scores_kernel, triton_row_reductions
+from ._native import scores_kernel, triton_score_kernel
 
 __all__ = ["energy", "msp", "max_logit", "entropy", "logit_scores", "SCORE_NAMES"]
 
@@ -200,7 +200,7 @@ def _native_block(block: torch.Tensor, temperature: float, out: dict[str, torch.
 
 
 def _triton_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _NATIVE_DTYPES and x.layout == torch.strided and triton_row_reductions() is not None
+    return x.is_cuda and x.dtype in _NATIVE_DTYPES and x.layout == torch.strided and triton_score_kernel() is not None
 
 
 def _triton_rows(x: torch.Tensor, temperature: float, out: dict[str, torch.Tensor]) -> None:
@@ -212,17 +212,9 @@ def _triton_rows(x: torch.Tensor, temperature: float, out: dict[str, torch.Tenso
     except RuntimeError:
         whole = None
     blocks = [(0, whole)] if whole is not None else _row_blocks(x, max(1, CHUNK_BYTES // (cols * x.element_size())))
-    row_reductions = triton_row_reductions()
+    write_scores = triton_score_kernel()
     for row0, block in blocks:
-        red = row_reductions(block if block.stride(-1) == 1 else block.contiguous(), temperature)
-        rows = slice(row0, row0 + block.shape[0])
-        m, ties = red["m"], red["ties"]
-        out["energy"][rows] = -(m + temperature * torch.log1p((ties - 1.0) + red["rt"]))
-        out["msp"][rows] = -1.0 / (ties + red["rt"])
-        out["max_logit"][rows] = -m
-        if "entropy" in out:
-            out["entropy"][rows] = torch.log1p((ties - 1.0) + red["r1"]) - red["t1"] / (ties + red["r1"])
-        out["prediction"][rows] = red["arg"]
+        write_scores(block if block.stride(-1) == 1 else block.contiguous(), temperature, out, row0)
 
 
 # ----- torch path ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 from types import ModuleType
 from typing import Any, Callable
 
-__all__ = ["scores_kernel", "scores_kernel_isa", "native_disabled", "triton_row_reductions"]
+__all__ = ["scores_kernel", "scores_kernel_isa", "native_disabled", "triton_score_kernel"]
 
 
 def native_disabled() -> bool:
@@ -37,7 +37,7 @@ scores_kernel_isa: str | None = getattr(scores_kernel, "isa", None)
 _triton: list[Callable[..., Any] | None] = []
 
 
-def triton_row_reductions() -> Callable[..., Any] | None:
+def triton_score_kernel() -> Callable[..., Any] | None:
     """The CUDA kernel of the logit scores (:mod:`ebood._native._triton_scores`), or ``None`` where
     Triton is not installed (CPU builds of torch) or ``EBOOD_NO_NATIVE`` is set. Imported on the
     first call, not with ebood: importing Triton takes a while and only CUDA inputs need it."""
@@ -45,9 +45,9 @@ def triton_row_reductions() -> Callable[..., Any] | None:
         return None
     if not _triton:
         try:
-            from ._triton_scores import row_reductions
+            from ._triton_scores import write_scores
         except ImportError:
-            row_reductions = None  # type: ignore[assignment]
-        _triton.append(row_reductions)
+            write_scores = None  # type: ignore[assignment]
+        _triton.append(write_scores)
     return _triton[0]
 

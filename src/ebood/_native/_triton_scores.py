@@ -9,8 +9,9 @@ below keep full relative precision for confident rows), ``r_1 = sum exp(z - m)``
 ``t_1 = sum exp(z - m) (z - m)`` and ``r_T = sum exp((z - m) / T)`` over the other entries,
 merged block by block with the online-normaliser rule (Milakov & Gimelshein, 2018).
 
-Rows holding NaN or +inf, and rows of only -inf, get ``m = NaN`` here; ``ebood.scores``
-recomputes them exactly with its torch path. Triton compiles the kernel on its first use in a
+The kernel writes the scores themselves (formulas in :mod:`ebood.scores`). Rows holding NaN or
++inf, and rows of only -inf, get ``m = NaN`` here; ``ebood.scores`` recomputes them exactly with
+its torch path. Triton compiles the kernel on its first use in a
 process (about a second; Triton caches the result on disk for later processes).
 """
 
@@ -20,16 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["row_reductions"]
+__all__ = ["write_scores"]
 
 _MAX_BLOCK = 4096
 
 
 @triton.jit
 def _row_kernel(
-    x_ptr, stride, n_cols, inv_t,
-    m_ptr, arg_ptr, ties_ptr, r1_ptr, t1_ptr, rt_ptr,
-    BLOCK: tl.constexpr, WITH_T: tl.constexpr,
+    x_ptr, stride, n_cols, inv_t, temperature,
+    energy_ptr, msp_ptr, max_logit_ptr, entropy_ptr, prediction_ptr,
+    BLOCK: tl.constexpr, WITH_T: tl.constexpr, WITH_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
@@ -71,30 +72,35 @@ def _row_kernel(
         t1 += tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
         if WITH_T:
             rt += tl.sum(tl.where(skip, 0.0, tl.exp(d * inv_t)), axis=0)
+    if not WITH_T:
+        rt = r1
     m = tl.where((bad > 0) | (m == -float("inf")), float("nan"), m)
-    tl.store(m_ptr + row, m)
-    tl.store(arg_ptr + row, arg.to(tl.int64))
-    tl.store(ties_ptr + row, ties)
-    tl.store(r1_ptr + row, r1)
-    tl.store(t1_ptr + row, t1)
-    tl.store(rt_ptr + row, rt)
+    tl.store(energy_ptr + row, -(m + temperature * _log1p((ties - 1.0) + rt)))
+    tl.store(msp_ptr + row, -1.0 / (ties + rt))
+    tl.store(max_logit_ptr + row, -m)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, _log1p((ties - 1.0) + r1) - t1 / (ties + r1))
+    tl.store(prediction_ptr + row, arg.to(tl.int64))
 
 
-def row_reductions(x: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """Per-row ``m, arg, ties, r_1, t_1, r_T`` (float32; ``r_T`` is ``r_1`` when ``T = 1``) of a
-    2-D CUDA tensor whose last dimension is contiguous."""
+@triton.jit
+def _log1p(x):
+    """log(1 + x) without losing small x (Goldberg's correction; libdevice's log1p is not in
+    every Triton backend)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+def write_scores(x: torch.Tensor, temperature: float, out: dict[str, torch.Tensor], row0: int) -> None:
+    """The scores of the rows of ``x`` (2-D, CUDA, unit column stride) into ``out[...][row0:]``
+    (float32; ``out["entropy"]`` may be missing). Rows whose max is not finite get NaN max_logit."""
     rows, cols = x.shape
-    out = {k: torch.empty(rows, dtype=torch.float32, device=x.device) for k in ("m", "ties", "r1", "t1", "rt")}
-    out["arg"] = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
-        return out
+        return
     block = min(_MAX_BLOCK, triton.next_power_of_2(cols))
-    with_t = temperature != 1.0
+    entropy = out.get("entropy", out["msp"])  # a placeholder pointer when the entropy is not wanted
     _row_kernel[(rows,)](
-        x, x.stride(0), cols, 1.0 / temperature,
-        out["m"], out["arg"], out["ties"], out["r1"], out["t1"], out["rt"],
-        BLOCK=block, WITH_T=with_t, num_warps=8 if block >= 2048 else 4,
+        x, x.stride(0), cols, 1.0 / temperature, temperature,
+        out["energy"][row0:], out["msp"][row0:], out["max_logit"][row0:], entropy[row0:], out["prediction"][row0:],
+        BLOCK=block, WITH_T=temperature != 1.0, WITH_ENTROPY="entropy" in out, num_warps=8 if block >= 2048 else 4,
     )
-    if not with_t:
-        out["rt"] = out["r1"]
-    return out
