@@ -20,13 +20,16 @@ normalizer calculation for softmax", 2018): when a block raises the running max 
 ``(m - m') S_1``). Entries equal to the running max contribute exactly 1 and are counted
 rather than summed, so the entropy of confident rows keeps its relative precision.
 
-Two implementations give the same results:
+Three implementations give the same results:
 
 * a native kernel (``ebood._native._scores``, C built at install time, AVX2/FMA chosen at run
   time) for float32 / float16 / bfloat16 logits on the CPU; it reads the logits once, in place,
   row ranges split over ``torch.get_num_threads()`` threads;
-* chunked torch code for everything else (float64, GPU tensors, no compiler at install time, or
-  ``EBOOD_NO_NATIVE=1``); on a GPU it stays memory-bound.
+* a Triton kernel (``ebood._native._triton_scores``) for the same dtypes on CUDA, where Triton
+  is installed (it comes with CUDA builds of torch): one launch, each row read once;
+* chunked torch code for everything else (float64, no compiler at install time, no Triton, or
+  ``EBOOD_NO_NATIVE=1``): whole-row tiles in a few ops, rows with NaN / +inf / only -inf
+  recomputed exactly by the online-normaliser code once per call.
 
 Neither ever materialises an (N, C) exp or softmax buffer: the extra memory is O(rows) plus at
 most :data:`CHUNK_BYTES`, also when a single row is larger than that (its column blocks are merged
