@@ -31,7 +31,7 @@ Three implementations give the same results:
   ``EBOOD_NO_NATIVE=1``): whole-row tiles in a few ops, rows with NaN / +inf / only -inf
   recomputed exactly by the online-normaliser code once per call.
 
-Neither ever materialises an (N, C) exp or softmax buffer: the extra memory is O(rows) plus at
+None of them materialises an (N, C) exp or softmax buffer: the extra memory is O(rows) plus at
 most :data:`CHUNK_BYTES`, also when a single row is larger than that (its column blocks are merged
 with the online-normaliser rule).
 
