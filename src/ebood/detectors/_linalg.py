@@ -300,6 +300,15 @@ def normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=torch.finfo(x.dtype).tiny ** 0.5)
 
 
+def normalise_finite_rows(x: torch.Tensor, what: str, detector: str) -> torch.Tensor:
+    """:func:`normalise_rows` with :func:`check_finite`'s error, in one read less: a row holding
+    NaN or inf has a non-finite norm, so the full check only runs when a norm is not finite."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
+        check_finite(x, what, detector)
+    return x / norms.clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+
+
 def _faiss_inputs(queries: torch.Tensor, bank: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     """numpy views for faiss when both are contiguous float32 CPU tensors (else None)."""
     if queries.device.type != "cpu" or bank.device.type != "cpu" or queries.dtype != torch.float32 or bank.dtype != torch.float32:

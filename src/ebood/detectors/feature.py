@@ -754,8 +754,7 @@ class KNN(_Bank):
 
     def _accumulate(self, batch: Outputs) -> None:
         x = batch.feature()
-        la.check_finite(x, "features", self.name)
-        self._append(la.normalise_rows(x.to(accumulation_dtype(x.dtype))))
+        self._append(la.normalise_finite_rows(x.to(accumulation_dtype(x.dtype)), "features", self.name))
 
     # ----- fit ---------------------------------------------------------------------------------
     def _finalize(self) -> None:
