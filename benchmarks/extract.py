@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="repeat the three measurements, keep the fastest of each")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); outputs and detectors stay on the CPU")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--detectors-on-device", action="store_true",
+                        help="keep the outputs on --device, so that the post-hoc detectors fit and score there too")
     args = parser.parse_args()
     if args.quick:
         args.n_train, args.n_test, args.n_ood = 200, 100, 50
@@ -87,7 +89,8 @@ def main() -> None:
     names = pick_detectors(10)
     if SINGLE not in names:
         raise SystemExit(f"benchmark needs the {SINGLE!r} detector")
-    run = dict(batch_size=args.batch_size, progress=False, device=args.device)
+    run = dict(batch_size=args.batch_size, progress=False, device=args.device,
+               result_device=args.device if args.detectors_on_device else "cpu")
 
     def evaluate(dets):
         return ebood.evaluate_detectors(model, id_train, id_test, ood, dets, **run)
@@ -123,7 +126,8 @@ def main() -> None:
         "ten_breakdown": res_ten.timings,
         "repeats": args.repeats,
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-                   + (f", model on {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+                   + (f", model on {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+                   + (", detectors there too" if args.detectors_on_device else ""),
     }
     if args.json:
         print(json.dumps(numbers, indent=2))

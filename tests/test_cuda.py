@@ -195,9 +195,11 @@ def test_evaluate_detectors_on_cuda_matches_cpu(net):
     specs = [s if s not in ("vim", "knn") else (s, {"dim": 8} if s == "vim" else {"k": 5}) for s in specs]
     cpu = ebood.evaluate_detectors(net, *args, specs, progress=False)
     gpu = ebood.evaluate_detectors(net, *args, specs, device="cuda", progress=False)
+    on_gpu = ebood.evaluate_detectors(net, *args, specs, device="cuda", result_device="cuda", progress=False)
     for n in names:
         for key in ("auroc", "fpr95"):
             assert gpu.metrics[n]["shifted"][key] == pytest.approx(cpu.metrics[n]["shifted"][key], abs=0.02), (n, key)
+            assert on_gpu.metrics[n]["shifted"][key] == pytest.approx(cpu.metrics[n]["shifted"][key], abs=0.02), (n, key)
 
 
 def test_finetune_on_cuda_lowers_id_energy_relative_to_outliers(tmp_path, net):

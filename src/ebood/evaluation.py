@@ -192,6 +192,7 @@ def evaluate_detectors(
     tpr: float = 0.95,
     positive: str = "id",
     keep_outputs: bool = True,
+    result_device: str | torch.device = "cpu",
 ) -> EvaluationResult:
     """Fit and evaluate ``detectors`` on ``model`` with one pass over each dataset.
 
@@ -200,7 +201,9 @@ def evaluate_detectors(
     detector needs fitting. ``detectors``: names, ``(name, params)`` pairs, ``{"name": ..., **params}``
     dicts or Detector instances (fitted in place). ``id_val`` / ``ood_val`` (a dataset, or a
     list / dict of them): validation data for detectors that learn from it. ``cache``, ``device``,
-    ``batch_size``, ``amp``, ``output``, ``progress`` are passed to :func:`ebood.extract`;
+    ``batch_size``, ``amp``, ``output``, ``progress`` and ``result_device`` are passed to
+    :func:`ebood.extract` (``result_device="cuda"`` keeps the outputs on the GPU, so the post-hoc
+    detectors fit and score there too);
     ``layers`` extracts extra layers for post-hoc detectors (they then receive feature dicts).
     ``tpr`` and ``positive`` are those of :func:`ebood.metrics.evaluate`.
     """
@@ -220,7 +223,7 @@ def evaluate_detectors(
 
     dev = resolve_device(model, device)
     clock = _Clock()
-    common = dict(batch_size=batch_size, amp=amp, cache=cache, progress=progress, output=output)
+    common = dict(batch_size=batch_size, amp=amp, cache=cache, progress=progress, output=output, result_device=result_device)
     kept: dict[str, Outputs] = {}
 
     with on_device(model, dev):
