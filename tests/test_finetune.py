@@ -19,13 +19,7 @@ from ebood.train.batches import OutlierSource
 N_CLASSES, DIM = 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, which oversubscribe a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, dropout=0.3, bn=True, dtype=torch.float32):

@@ -81,6 +81,18 @@ class _Base(Dataset):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, group={self.group!r})"
 
+    def _set_images_info(self, n: int, labels: Any, transform: ImageTransform, *, name: str, fingerprint: str,
+                         classes: list[str] | None, group: str | None, description: str) -> None:
+        """The attributes image datasets share: labels (-1 = unlabelled), transform, names and a
+        fingerprint that includes the transform."""
+        self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.transform = transform
+        self.classes = classes or []
+        self.name = name
+        self.fingerprint = f"{fingerprint}|{transform.describe()}"
+        self.group = group
+        self.description = description
+
     @property
     def num_classes(self) -> int:
         """Number of distinct non-negative labels (0 for an unlabelled set)."""
@@ -143,14 +155,8 @@ class ImageArrayDataset(_Base):
             raise ValueError(f"{name}: images must be (N, C, H, W), got shape {images.shape}")
         images = np.ascontiguousarray(images)
         self.images = torch.from_numpy(images if images.flags.writeable else images.copy())  # torch wants writable memory
-        n = self.images.shape[0]
-        self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.transform = transform
-        self.classes = classes or []
-        self.name = name
-        self.fingerprint = f"{fingerprint}|{transform.describe()}"
-        self.group = group
-        self.description = description
+        self._set_images_info(self.images.shape[0], labels, transform, name=name, fingerprint=fingerprint,
+                              classes=classes, group=group, description=description)
         self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
 
     def __len__(self) -> int:
@@ -167,14 +173,8 @@ class ImageFileDataset(_Base):
                  name: str, fingerprint: str, classes: list[str] | None = None, group: str | None = None,
                  description: str = "", loader: Callable[[Path], np.ndarray] | None = None) -> None:
         self.files = list(files)
-        n = len(self.files)
-        self.labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.transform = transform
-        self.classes = classes or []
-        self.name = name
-        self.fingerprint = f"{fingerprint}|{transform.describe()}"
-        self.group = group
-        self.description = description
+        self._set_images_info(len(self.files), labels, transform, name=name, fingerprint=fingerprint,
+                              classes=classes, group=group, description=description)
         self.meta = {"file": np.array([str(f) for f in self.files], dtype=object)}
         self._loader = loader
 
