@@ -598,7 +598,7 @@ def test_fdbd_needs_two_classes_and_survives_the_training_mean():
 def test_non_finite_features_are_an_error_not_nan_scores(name):
     bad = TRAIN.features.clone()
     bad[7, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"features has non-finite values .* first at index 7"):
+    with pytest.raises(ValueError, match=r"features hold non-finite values .* 1 row\(s\): 7"):
         make(name).fit(ebood.Outputs(logits=TRAIN.logits, features=bad, labels=TRAIN.labels, head=TRAIN.head))
     det = make(name).fit(TRAIN)
     tbad = TEST.features.clone()

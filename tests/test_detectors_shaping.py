@@ -234,7 +234,7 @@ def test_nan_training_features_are_refused():
     f[3, 0] = math.nan
     bad = ebood.Outputs(features=f, head=out.head)
     for name in ("react", "dice"):
-        with pytest.raises(ValueError, match="non-finite.*index 3"):
+        with pytest.raises(ValueError, match=r"non-finite.*row\(s\): 3"):
             detectors.create(name).fit(bad)
     with pytest.raises(ValueError, match="non-finite"):
         detectors.create("react").fit(out).score(ebood.Outputs(features=f))

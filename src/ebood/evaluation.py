@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import metrics as _metrics
-from .detectors import Detector, create
+from .detectors import Detector, NonFiniteError, create
 from .extraction import PENULTIMATE, ExtractionError, extract, on_device, resolve_device
 from .outputs import Outputs
 
@@ -159,6 +159,16 @@ def _accuracy(out: Outputs) -> float | None:
     return float((out.logits[keep].argmax(dim=1) == out.labels[keep]).double().mean())
 
 
+def _scores_or_nan(label: str, set_name: str, n: int, score: Any) -> torch.Tensor:
+    """``score()``, or NaN for every sample (and a warning) when the detector refuses non-finite
+    data: one detector's refusal must not take the other detectors' results with it."""
+    try:
+        return score()
+    except NonFiniteError as exc:
+        warnings.warn(f"{set_name}: {exc}", RuntimeWarning, stacklevel=3)
+        return torch.full((n,), math.nan)
+
+
 def _set_metrics(label: str, name: str, per_set: Mapping[str, torch.Tensor], tpr: float, positive: str) -> dict[str, float]:
     """Metrics of one detector on one OOD set; NaN (and a warning) where its scores are not finite.
 
@@ -249,7 +259,8 @@ def evaluate_detectors(
                 raw[label][set_name] = s
             t0 = time.perf_counter()
             for label, det in post_hoc.items():
-                raw[label][set_name] = det.score(outs if layers is not None else _penultimate_only(outs)).detach().cpu()
+                view = outs if layers is not None else _penultimate_only(outs)
+                raw[label][set_name] = _scores_or_nan(label, set_name, len(outs), lambda: det.score(view).detach().cpu())
             clock.scoring += time.perf_counter() - t0
 
     table = {label: {name: _set_metrics(label, name, per_set, tpr, positive) for name in ood_sets} for label, per_set in raw.items()}
@@ -299,7 +310,8 @@ def _extract_and_score(model: nn.Module, data: Any, set_name: str, model_level: 
     def on_batch(x: torch.Tensor, y: torch.Tensor | None) -> None:
         t = time.perf_counter()
         for label, det in model_level.items():
-            parts[label].append(det.score_inputs(model, x, output=output).cpu())  # type: ignore[attr-defined]
+            score = lambda: det.score_inputs(model, x, output=output).cpu()  # type: ignore[attr-defined]  # noqa: E731
+            parts[label].append(_scores_or_nan(label, set_name, x.shape[0], score))
         spent[0] += time.perf_counter() - t
 
     t0 = time.perf_counter()

@@ -63,6 +63,8 @@ def _rank(id_scores: Any, ood_scores: Any) -> _Ranked:
 
 
 def _check_tpr(tpr: float) -> float:
+    if isinstance(tpr, (str, bytes, bool)):
+        raise TypeError(f"tpr must be a number in (0, 1], got {tpr!r}")
     t = float(tpr)
     if not (0.0 < t <= 1.0) or math.isnan(t):
         raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")

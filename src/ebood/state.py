@@ -63,8 +63,8 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(data[8 : 8 + n])
         doc = json.loads(raw["__metadata__"]["ebood"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateError(f"{path}: not an ebood state file (no valid 'ebood' header): {exc}") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        raise StateError(f"{path}: not an ebood state file (no valid 'ebood' header): {type(exc).__name__}: {exc}") from None
     if not isinstance(doc, dict):
         raise StateError(f"{path}: the 'ebood' header is not a JSON object")
     return doc
@@ -90,6 +90,10 @@ def load_state(path: str | Path, expected_format: str | None = None) -> tuple[di
     except Exception as exc:  # safetensors raises its own error types for corrupt payloads
         raise StateError(f"{path}: corrupt tensor data: {exc}") from exc
     stored = doc.pop("sha256", None)
-    if stored != _digest(doc, tensors):
+    try:
+        digest = _digest(doc, tensors)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise StateError(f"{path}: the 'ebood' header cannot be checked: {type(exc).__name__}: {exc}") from None
+    if stored != digest:
         raise StateError(f"{path}: checksum mismatch: the file was edited or damaged after it was written")
     return tensors, doc

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..scores import CHUNK_BYTES
+from ._finite import check_finite_rows
 
 __all__ = [
     "row_slices",
@@ -69,19 +70,9 @@ def row_slices(n: int, bytes_per_row: int, budget: int = WORK_BYTES) -> Iterator
 
 
 def check_finite(x: torch.Tensor, what: str, detector: str) -> None:
-    """A ValueError naming the rows when ``x`` holds NaN or inf."""
-    if x.numel() == 0:
-        return
-    low, high = torch.aminmax(x)  # one read, no temporary; NaN propagates
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
-        return
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        rows = bad.reshape(bad.shape[0], -1).any(dim=1) if x.ndim > 1 else bad
-        first = int(torch.nonzero(rows)[0, 0])
-        raise ValueError(
-            f"detector {detector!r}: {what} has non-finite values (NaN or inf) in {int(rows.sum())} sample(s), first at index {first}"
-        )
+    """A :class:`~ebood.detectors.NonFiniteError` (a ValueError) naming the rows when ``x`` holds
+    NaN or inf."""
+    check_finite_rows(x, what, detector)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int | None, detector: str) -> None:

@@ -3,9 +3,18 @@
 Conventions every detector follows (see CONVENTIONS.md):
 
 * ``score`` returns one OOD score per sample, higher = more OOD.
-* Learned state lives in attributes whose names end with ``_`` (scikit-learn style). Tensors among
-  them are saved with safetensors, plain values (numbers, strings, lists) in the JSON header, so
-  :meth:`Detector.save` and :func:`load` need nothing from subclasses.
+* Learned state lives in attributes whose names end with ``_`` (scikit-learn style), declared once
+  in ``learned_state`` (name -> :class:`~ebood.detectors._learned.Learned`: kind, dtype, shape
+  symbols). Tensors are saved with safetensors, plain values (numbers, strings, lists) in the JSON
+  header. :meth:`Detector.save` checks the state against the declaration, and :func:`load` checks a
+  file against it (known names only, dtypes, shapes, hyperparameters through ``__init__``) before
+  setting anything; every problem with a file is a :class:`~ebood.state.StateError`.
+* Non-finite input follows one rule (CONVENTIONS.md, "Non-finite values"): NaN anywhere in an input
+  row is an error naming the rows (:class:`NonFiniteError`); so is an infinite feature or input
+  pixel, and any non-finite training input. An infinite *logit* gives the limit of the score as
+  that logit goes to infinity (energy ``-inf`` for a ``+inf`` logit, as ``ebood.scores``); where that
+  limit does not exist (softmax of a row of only ``-inf``) the row is an error too. A detector
+  never returns NaN.
 * Detectors whose fit is a sum over samples set ``streaming = True`` and implement
   ``_accumulate(batch)`` (add float64 sums to ``*_`` attributes), ``_merge(other)`` and
   ``_finalize()`` (derive what scoring needs). ``fit``, ``partial_fit`` and ``merge`` are then
@@ -19,6 +28,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
@@ -28,8 +38,10 @@ from .. import __version__
 from ..metrics import id_threshold
 from ..outputs import Outputs
 from ..state import StateError, load_state, save_state
+from ._finite import NonFiniteError, check_finite_rows, check_scores
+from ._learned import Learned, check_header, check_learned, learned_values, number
 
-__all__ = ["Detector", "NotFittedError", "MissingFieldError", "register", "create", "available", "get", "load"]
+__all__ = ["Detector", "NotFittedError", "MissingFieldError", "NonFiniteError", "register", "create", "available", "get", "load"]
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 STATE_FORMAT = "ebood.detector"
@@ -96,6 +108,8 @@ class Detector:
     streaming: ClassVar[bool] = False
     #: paper, for ``ebood detectors`` and the docs
     paper: ClassVar[str] = ""
+    #: the learned attributes that ``fit`` sets, checked by ``save`` and ``load`` (see ``_learned``)
+    learned_state: ClassVar[dict[str, Learned]] = {}
 
     threshold_: float | None = None
 
@@ -118,6 +132,11 @@ class Detector:
     # ----- learned state ---------------------------------------------------------------------
     def _learned(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_") and k != "threshold_"}
+
+    @classmethod
+    def _state_spec(cls) -> dict[str, Learned]:
+        """``learned_state`` plus what ``calibrate`` adds for every detector."""
+        return {**cls.learned_state, "calibration_tpr_": number(positive=True, optional=True)}
 
     @property
     def is_fitted(self) -> bool:
@@ -230,7 +249,9 @@ class Detector:
         self._check_fields(outputs, self.requires, "score")
         self._check_fitted()
         self._ensure_final()
-        return self._score(outputs)
+        if outputs.features is not None and "features" in self.requires:
+            check_finite_rows(outputs.feature(), "features", self.name)
+        return check_scores(self._score(outputs), outputs, self.name)
 
     def calibrate(self, id_outputs: Outputs, tpr: float = 0.95) -> "Detector":
         """Set ``threshold_``: the smallest score at which at least ``tpr`` of ID samples are kept."""
@@ -244,18 +265,30 @@ class Detector:
 
     def predict(self, outputs: Outputs) -> torch.Tensor:
         """A bool tensor, True where a sample is flagged as OOD (``score > threshold_``)."""
-        if self.threshold_ is None:
-            raise NotFittedError(f"detector {self.name!r} has no threshold: call calibrate() on ID validation outputs first")
-        return self.score(outputs) > self.threshold_
+        return self.score(outputs) > self._threshold("calibrate() on ID validation outputs")
+
+    def _threshold(self, how: str) -> float:
+        """``threshold_``, checked: set (else NotFittedError saying ``how``) and a finite number."""
+        thr = self.threshold_
+        if thr is None:
+            raise NotFittedError(f"detector {self.name!r} has no threshold: call {how} first")
+        if isinstance(thr, bool) or not isinstance(thr, numbers.Real) or not math.isfinite(thr):
+            raise TypeError(f"detector {self.name!r}: threshold_ must be a finite number, got {thr!r}")
+        return float(thr)
 
     # ----- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the detector (hyperparameters, learned state, threshold) to a safetensors file."""
         self._check_fitted()
         self._ensure_final()
+        learned = self._learned()
+        try:
+            check_learned(self._state_spec(), learned)
+        except ValueError as exc:
+            raise ValueError(f"cannot save detector {self.name!r}: its learned state does not match its declaration: {exc}") from exc
         tensors: dict[str, torch.Tensor] = {}
         plain: dict[str, Any] = {}
-        for key, value in self._learned().items():
+        for key, value in learned.items():
             if isinstance(value, torch.Tensor):
                 tensors[key] = value
             elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
@@ -277,20 +310,29 @@ class Detector:
 
     @classmethod
     def _from_state(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Path) -> "Detector":
-        det = create(header["detector"], **header.get("hyperparameters", {}))
-        for key, value in header.get("learned", {}).items():
-            if isinstance(value, dict) and "__tensor_dict__" in value:
-                value = {sub: tensors.pop(f"{key}/{sub}") for sub in value["__tensor_dict__"]}
+        """A detector from a checked header (see :func:`load`): hyperparameters through ``__init__``,
+        learned values through the class's declaration, then the detector's own ``_validate_state``."""
+        name = header["detector"]
+        try:
+            det = create(name, **header["hyperparameters"])
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"{path}: invalid hyperparameters for detector {name!r}: {exc}") from None
+        if det.needs_fit and not header["fitted"]:
+            raise StateError(f"{path}: the file holds an unfitted {name!r} detector (save() writes only fitted ones)")
+        try:
+            # an unfitted detector that needs no fit (ASH without a kept head) has nothing required
+            learned = check_learned(det._state_spec(), learned_values(tensors, header["learned"], path), required=header["fitted"])
+        except ValueError as exc:
+            raise StateError(f"{path}: invalid learned state for detector {name!r}: {exc}") from None
+        for key, value in learned.items():
             setattr(det, key, value)
-        for key, t in tensors.items():
-            setattr(det, key, t)
-        det.threshold_ = header.get("threshold")
-        det._fitted = bool(header.get("fitted", False))
+        det.threshold_ = header["threshold"]
+        det._fitted = header["fitted"]
         det._started = det._fitted
         det._final = True
         try:
             det._validate_state()
-        except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        except (ValueError, KeyError, AttributeError, RuntimeError, TypeError, IndexError) as exc:
             raise StateError(f"{path}: inconsistent detector state for {det.name!r}: {exc}") from exc
         return det
 
@@ -299,10 +341,5 @@ def load(path: str | Path) -> Detector:
     """Load a detector saved with :meth:`Detector.save`. Never unpickles."""
     path = Path(path)
     tensors, header = load_state(path, expected_format=STATE_FORMAT)
-    name = header.get("detector")
-    if name not in _REGISTRY:
-        raise StateError(f"{path}: detector {name!r} is not known to this ebood ({__version__})")
-    thr = header.get("threshold")
-    if thr is not None and not (isinstance(thr, (int, float)) and math.isfinite(thr)):
-        raise StateError(f"{path}: invalid threshold {thr!r}")
+    check_header(header, path, _REGISTRY, __version__)
     return Detector._from_state(tensors, header, path)

@@ -11,6 +11,8 @@ import torch
 from .. import scores
 from .._arrays import accumulation_dtype
 from ..outputs import Outputs
+from ._finite import check_finite_rows
+from ._learned import number, tensor
 from .base import Detector, register
 
 __all__ = ["MSP", "MaxLogit", "Energy", "Entropy", "GEN", "KLMatching", "TemperatureScaling"]
@@ -91,12 +93,18 @@ def _row_chunks(n: int, width: int, dtype: torch.dtype, copies: int = 4) -> Iter
         yield slice(start, min(n, start + rows))
 
 
-def _check_finite(x: torch.Tensor, what: str, detector: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        rows = bad.reshape(bad.shape[0], -1).any(dim=1) if x.ndim > 1 else bad
-        first = int(torch.nonzero(rows)[0, 0])
-        raise ValueError(f"detector {detector!r}: {what} has non-finite values (NaN or inf) in {int(rows.sum())} sample(s), first at index {first}")
+_check_finite = check_finite_rows  # training logits / features must be finite (CONVENTIONS.md)
+
+
+def _saturate(z: torch.Tensor) -> torch.Tensor:
+    """``z`` with every row that holds ``+inf`` (and no NaN) replaced by its limit: 0 at the ``+inf``
+    entries and ``-inf`` elsewhere, so that its softmax is uniform over the ``+inf`` entries (the
+    limit that ``ebood.scores`` uses, see CONVENTIONS.md "Non-finite values")."""
+    rows = torch.isposinf(z.amax(dim=1))  # a NaN row has a NaN max and stays as it is
+    if not bool(rows.any()):
+        return z
+    limit = torch.where(torch.isposinf(z), torch.zeros_like(z), torch.full_like(z, -math.inf))
+    return torch.where(rows[:, None], limit, z)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, detector: str) -> None:
@@ -119,7 +127,9 @@ class GEN(Detector):
     more uncertain = more OOD), so no sign flip here. Defaults ``gamma = 0.1``, ``top_m = 100`` are
     the paper's. Computed in log space (``log(1 - p_max)`` as the log-sum-exp of the other logits
     minus the total), so that a confident prediction keeps its (small, informative) ``1 - p_max``
-    instead of rounding it to 0.
+    instead of rounding it to 0. Infinite logits give the limit (CONVENTIONS.md): a row with
+    ``k`` entries at ``+inf`` has ``p`` uniform over them, ``G = min(k, M) (1/k)^gamma (1 - 1/k)^gamma``
+    (0 for ``k = 1``); ``-inf`` entries have ``p = 0`` and add nothing.
     """
 
     name = "gen"
@@ -144,6 +154,7 @@ class GEN(Detector):
         return torch.cat(parts) if parts else torch.empty(0, dtype=acc, device=logits.device)
 
     def _chunk(self, z: torch.Tensor, m: int) -> torch.Tensor:
+        z = _saturate(z)
         lse = torch.logsumexp(z, dim=1, keepdim=True)
         top, idx = torch.topk(z, m, dim=1)
         log_p = top - lse
@@ -169,11 +180,14 @@ class KLMatching(Detector):
     Classes that no training sample is predicted as have no template and are left out of the
     minimum (with a warning). The nearest template is found with one matrix product; its KL is then
     recomputed element-wise, so the score does not suffer the cancellation of the expanded form.
+    Infinite logits give the limit (CONVENTIONS.md): ``p`` uniform over a row's ``+inf`` entries,
+    and ``p_j log p_j = 0`` where ``p_j = 0`` (a ``-inf`` logit).
     """
 
     name = "kl_matching"
     streaming = True
     paper = "Hendrycks et al., ICML 2022"
+    learned_state = {"class_sums_": tensor("C", "C", dtype="float64"), "class_counts_": tensor("C", dtype="float64")}
 
     def __init__(self) -> None:
         pass
@@ -225,10 +239,7 @@ class KLMatching(Detector):
         self._log_templates = torch.log(templates.clamp_min(torch.finfo(torch.float64).tiny))
 
     def _validate_state(self) -> None:
-        sums, counts = self.class_sums_, self.class_counts_
-        if sums.ndim != 2 or sums.shape[0] != sums.shape[1] or counts.shape != (sums.shape[0],):
-            raise ValueError(f"class_sums_ {tuple(sums.shape)} and class_counts_ {tuple(counts.shape)} must be (C, C) and (C,)")
-        if not bool((counts > 0).any()):
+        if not bool((self.class_counts_ > 0).any()):
             raise ValueError("class_counts_ has no class with samples")
         self._finalize()
 
@@ -241,10 +252,11 @@ class KLMatching(Detector):
         acc = accumulation_dtype(logits.dtype)
         parts = []
         for rows in _row_chunks(n, c, torch.float64):
-            log_p = torch.log_softmax(logits[rows].to(log_d.device, torch.float64), dim=1)
+            log_p = torch.log_softmax(_saturate(logits[rows].to(log_d.device, torch.float64)), dim=1)
             p = log_p.exp()
             nearest = (p.to(acc) @ log_d.to(acc).T).argmax(dim=1)  # max cross term = min KL
-            kl = (p * (log_p - log_d[nearest])).sum(dim=1)
+            terms = p * (log_p - log_d[nearest])
+            kl = torch.where(p == 0, torch.zeros_like(terms), terms).sum(dim=1)  # 0 log 0 = 0 (a -inf logit); NaN stays NaN
             parts.append(kl.clamp_min(0).to(acc))
         out = torch.cat(parts) if parts else torch.empty(0, dtype=acc)
         return out.to(logits.device)
@@ -264,6 +276,7 @@ class TemperatureScaling(Detector):
     name = "temperature_scaling"
     fit_requires = ("labels",)
     paper = "Guo et al., ICML 2017"
+    learned_state = {"temperature_": number(positive=True)}
 
     #: search interval of log T
     LOG_T_BOUNDS = (math.log(1e-3), math.log(1e3))
@@ -302,11 +315,6 @@ class TemperatureScaling(Detector):
                 stacklevel=3,
             )
         self.temperature_ = math.exp(log_t)
-
-    def _validate_state(self) -> None:
-        t = self.temperature_
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"temperature_ must be a finite positive number, got {t!r}")
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return scores.msp(outputs.logits, self.temperature_)

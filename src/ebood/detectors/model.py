@@ -27,7 +27,9 @@ from .._arrays import accumulation_dtype
 from ..extraction import PENULTIMATE, ExtractionError, LayerTap, as_loader, eval_mode, extract, resolve_layers, select_output, split_batch
 from ..metrics import id_threshold
 from ..outputs import Outputs
-from .base import Detector, NotFittedError, register
+from ._finite import check_finite_rows, check_scores
+from ._learned import number, tensor, tensors, text, texts
+from .base import Detector, register
 
 __all__ = ["ModelDetector", "ODIN", "MahalanobisEnsemble", "GradNorm", "MCDropout"]
 
@@ -119,10 +121,11 @@ class ModelDetector(Detector):
             raise TypeError(f"{self.name}: model must be a torch.nn.Module, got {type(model).__name__}")
         x = _input_tensor(inputs, self.name)
         self._check_fitted()
+        check_finite_rows(x, "inputs", self.name)
         dev = _model_device(model, x.device)
         with eval_mode(model):
             s = self._score_inputs(model, x.to(dev), output)
-        return s.detach().to(x.device, accumulation_dtype(x.dtype))
+        return check_scores(s.detach().to(x.device, accumulation_dtype(x.dtype)), None, self.name)
 
     def score_data(self, model: nn.Module, data: Any, *, batch_size: int | None = None, output: Any = None) -> torch.Tensor:
         """Scores of every input in ``data`` (a Dataset, DataLoader or array), in order, on the CPU."""
@@ -143,9 +146,7 @@ class ModelDetector(Detector):
 
     def predict_inputs(self, model: nn.Module, inputs: Any, **kwargs: Any) -> torch.Tensor:
         """True where an input is flagged as OOD (``score > threshold_``)."""
-        if self.threshold_ is None:
-            raise NotFittedError(f"detector {self.name!r} has no threshold: call calibrate_inputs() on ID validation data first")
-        return self.score_inputs(model, inputs, **kwargs) > self.threshold_
+        return self.score_inputs(model, inputs, **kwargs) > self._threshold("calibrate_inputs() on ID validation data")
 
     # ----- hooks for ebood.evaluate_detectors ------------------------------------------------------
     def fit_layers(self, model: nn.Module) -> list[str] | None:
@@ -354,6 +355,15 @@ class MahalanobisEnsemble(ModelDetector):
     paper = "Lee, Lee, Lee & Shin, NeurIPS 2018"
     needs_fit = True
     fit_requires = ("labels",)
+    learned_state = {
+        "layers_": texts(),
+        "classes_": tensor("K", dtype="int"),
+        "means_": tensors(2, dtype="float64"),
+        "precisions_": tensors(2, dtype="float64"),
+        "weights_": tensor("L", dtype="float64"),
+        "bias_": number(),
+        "weighting_": text("standardised-mean", "logistic-regression"),
+    }
 
     def __init__(self, epsilon: float = 0.0014, layers: Sequence[str] | None = None, std: float | Sequence[float] | None = None) -> None:
         self.epsilon = epsilon
@@ -408,7 +418,9 @@ class MahalanobisEnsemble(ModelDetector):
         classes = torch.unique(labels)
         means, precisions, train_scores = {}, {}, []
         for name in names:
-            f = self._layer_features(outputs, name).to(torch.float64)
+            f = self._layer_features(outputs, name)
+            check_finite_rows(f, f"features of layer {name!r}", self.name)
+            f = f.to(torch.float64)
             mu = torch.stack([f[labels == c].mean(0) for c in classes])
             centred = f - mu[torch.searchsorted(classes, labels)]
             cov = centred.T @ centred / f.shape[0]
@@ -474,11 +486,14 @@ class MahalanobisEnsemble(ModelDetector):
     def _validate_state(self) -> None:
         k = self.classes_.shape[0]
         if self.weights_.shape != (len(self.layers_),):
-            raise ValueError(f"weights_ has shape {tuple(self.weights_.shape)}, expected ({len(self.layers_)},)")
+            raise ValueError(f"weights_ has shape {tuple(self.weights_.shape)}, expected ({len(self.layers_)},) for layers_ {self.layers_}")
+        for what in ("means_", "precisions_"):
+            if sorted(getattr(self, what)) != sorted(self.layers_):
+                raise ValueError(f"{what} holds layers {sorted(getattr(self, what))}, layers_ lists {self.layers_}")
         for name in self.layers_:
             mu, p = self.means_[name], self.precisions_[name]
             if mu.ndim != 2 or mu.shape[0] != k or p.shape != (mu.shape[1], mu.shape[1]):
-                raise ValueError(f"layer {name!r}: means {tuple(mu.shape)} and precision {tuple(p.shape)} do not fit {k} classes")
+                raise ValueError(f"layer {name!r}: means_ {tuple(mu.shape)} and precisions_ {tuple(p.shape)} do not fit the {k} classes of classes_")
 
     def layer_scores(self, model: nn.Module, inputs: Any, *, output: Any = None) -> torch.Tensor:
         """The per-layer confidences ``M_l`` (N, L) of a batch (before the weighted sum)."""

@@ -20,6 +20,7 @@ import torch
 
 from .._arrays import accumulation_dtype
 from ..outputs import Head, Outputs
+from ._learned import integer, number, tensor
 from .base import Detector, MissingFieldError, register
 from .logit import _check_finite, _row_chunks
 
@@ -59,6 +60,8 @@ class _Shaping(Detector):
 
     requires = ("features",)
     fit_requires = ("head",)
+    #: the kept head; optional where the detector also scores with the outputs' own head
+    learned_state = {"head_weight_": tensor("C", "D", optional=True), "head_bias_": tensor("C", optional=True)}
 
     head_weight_: torch.Tensor | None = None
     head_bias_: torch.Tensor | None = None
@@ -89,12 +92,8 @@ class _Shaping(Detector):
         return Head(self.head_weight_, self.head_bias_)
 
     def _validate_head(self) -> None:
-        w, b = self.head_weight_, self.head_bias_
-        if w is None and b is None:
-            return
-        if w is None or b is None or w.ndim != 2 or b.shape != (w.shape[0],):
-            shapes = [None if t is None else tuple(t.shape) for t in (w, b)]
-            raise ValueError(f"head_weight_ {shapes[0]} and head_bias_ {shapes[1]} must be (C, D) and (C,)")
+        if (self.head_weight_ is None) != (self.head_bias_ is None):
+            raise ValueError("the state holds only one of head_weight_ and head_bias_")
 
     def _validate_state(self) -> None:
         self._validate_head()
@@ -144,6 +143,7 @@ class ReAct(_Shaping):
 
     name = "react"
     paper = "Sun et al., NeurIPS 2021"
+    learned_state = {"head_weight_": tensor("C", "D"), "head_bias_": tensor("C"), "clip_": number()}
 
     def __init__(self, percentile: float = 90) -> None:
         self.percentile = percentile
@@ -154,14 +154,6 @@ class ReAct(_Shaping):
         _check_finite(x, "features", self.name)
         self._keep_head(outputs.head)
         self.clip_ = _linear_percentile(x, float(self.percentile))
-
-    def _validate_state(self) -> None:
-        super()._validate_state()
-        if self.head_weight_ is None:
-            raise ValueError("the state has no head (head_weight_, head_bias_)")
-        c = self.clip_
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise ValueError(f"clip_ must be a finite number, got {c!r}")
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp_max(self.clip_)
@@ -300,6 +292,12 @@ class DICE(_Shaping):
     name = "dice"
     streaming = True
     paper = "Sun & Li, ECCV 2022"
+    learned_state = {
+        "head_weight_": tensor("C", "D"),
+        "head_bias_": tensor("C"),
+        "feature_sum_": tensor("D", dtype="float64"),
+        "sample_count_": integer(minimum=1),
+    }
 
     def __init__(self, percentile: float = 90) -> None:
         self.percentile = percentile
@@ -343,12 +341,6 @@ class DICE(_Shaping):
 
     def _validate_state(self) -> None:
         super()._validate_state()
-        if self.head_weight_ is None or self.feature_sum_ is None:
-            raise ValueError("the state has no head or no feature sums")
-        if self.feature_sum_.shape != (self.head_weight_.shape[1],):
-            raise ValueError(f"feature_sum_ has shape {tuple(self.feature_sum_.shape)}, the head expects ({self.head_weight_.shape[1]},)")
-        if isinstance(self.sample_count_, bool) or not isinstance(self.sample_count_, int):
-            raise ValueError(f"sample_count_ must be an integer, got {self.sample_count_!r}")
         self._finalize()
 
     def _scoring_head(self, outputs: Outputs) -> Head:

@@ -50,7 +50,12 @@ def _check_weight(weight: float) -> float:
 
 
 def _check_finite(value: float, name: str) -> float:
-    v = float(value)
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a finite number, got {value!r}") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return v
@@ -103,6 +108,12 @@ class EnergyBoundedLoss:
     def __init__(self, m_in: float = -25.0, m_out: float = -7.0, weight: float = 0.1, temperature: float = 1.0):
         self.m_in = _check_finite(m_in, "m_in")
         self.m_out = _check_finite(m_out, "m_out")
+        if self.m_in > self.m_out:
+            # refused, not warned: the hinges would then be met with ID energies above OOD ones
+            raise ValueError(
+                f"m_in ({self.m_in:g}) must not be above m_out ({self.m_out:g}): ID energies are pushed below m_in and "
+                "outlier energies above m_out (the paper uses m_in = -25 < m_out = -7); swap them"
+            )
         self.weight = _check_weight(weight)
         t = float(temperature)
         if not math.isfinite(t) or t <= 0:

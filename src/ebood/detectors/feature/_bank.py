@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _check_count, _FeatureDetector
+from .._learned import integer, tensor
+from ._common import _FeatureDetector
 
 
 class _Bank(_FeatureDetector):
     """A bank of (transformed) training rows that streams and merges by appending."""
 
     streaming = True
+    learned_state = {"bank_": tensor("N", "D"), "bank_size_": integer(minimum=1, binds="N")}
 
     def _reset(self) -> None:
         self._started = True
@@ -49,9 +51,3 @@ class _Bank(_FeatureDetector):
         if k > n:
             raise ValueError(f"{self.name}: k={k} is larger than the bank of {n} training samples; use k <= {n} or fit on more samples")
 
-    def _check_state(self) -> None:
-        if not isinstance(self.bank_, torch.Tensor) or self.bank_.ndim != 2:
-            raise ValueError("bank_ must be a (N, D) tensor")
-        n = _check_count(self.bank_size_, "bank_size_")
-        if self.bank_.shape[0] != n:
-            raise ValueError(f"bank_ has shape {tuple(self.bank_.shape)}, but the state records {n} training samples (bank_size_)")

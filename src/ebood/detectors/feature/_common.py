@@ -48,14 +48,6 @@ def _check_positive_float(detector: str, name: str, value: Any, above: float = 0
     return v
 
 
-def _check_count(value: Any, what: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 class _FeatureDetector(Detector):
     """Base of the detectors in this file.
 
@@ -119,15 +111,6 @@ class _KeepsHead:
     def _check_scoring_head(self, outputs: Outputs) -> None:
         if outputs.head is not None:
             self._check_same_head(outputs.head.weight, outputs.head.bias, "the outputs carry")
-
-    def _check_head_state(self, dim: int | None = None) -> None:
-        w, b = self.head_weight_, self.head_bias_
-        if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise ValueError("the state has no head (head_weight_, head_bias_)")
-        if w.ndim != 2 or b.shape != (w.shape[0],):
-            raise ValueError(f"head_weight_ {tuple(w.shape)} and head_bias_ {tuple(b.shape)} must be (C, D) and (C,)")
-        if dim is not None and w.shape[1] != dim:
-            raise ValueError(f"head_weight_ has shape {tuple(w.shape)}, the feature statistics have dimension {dim}")
 
     def _head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.head_bias_.to(x.device, x.dtype), x, self.head_weight_.to(x.device, x.dtype).T)

@@ -10,7 +10,8 @@ import torch
 
 from ...outputs import Outputs
 from .. import _linalg as la
-from ._common import _batch_num_classes, _classes_text, _is_int, _FeatureDetector
+from .._learned import integer, tensor
+from ._common import _batch_num_classes, _classes_text, _FeatureDetector
 
 
 class _ClassGaussian(_FeatureDetector):
@@ -18,6 +19,12 @@ class _ClassGaussian(_FeatureDetector):
 
     fit_requires = ("labels",)
     streaming = True
+    learned_state = {
+        "class_counts_": tensor("C", dtype="float64"),
+        "class_means_": tensor("C", "D", dtype="float64"),
+        "scatter_": tensor("D", "D", dtype="float64"),
+        "num_classes_": integer(minimum=1, optional=True),
+    }
 
     def __init__(self) -> None:
         pass
@@ -78,15 +85,9 @@ class _ClassGaussian(_FeatureDetector):
         self._set_moments(la.merge_moments(la.pad_classes(self._moments(), c), theirs))
 
     def _check_state(self) -> None:
-        counts, means, scatter = self._moments()
-        if not all(isinstance(t, torch.Tensor) for t in (counts, means, scatter)):
-            raise ValueError("the state lacks class_counts_, class_means_ or scatter_")
-        if counts.ndim != 1 or means.ndim != 2 or scatter.ndim != 2 or scatter.shape[0] != scatter.shape[1]:
-            raise ValueError(f"class_counts_ {tuple(counts.shape)}, class_means_ {tuple(means.shape)}, scatter_ {tuple(scatter.shape)} must be (C,), (C, D), (D, D)")
-        if means.shape != (counts.shape[0], scatter.shape[0]):
-            raise ValueError(f"class_means_ has shape {tuple(means.shape)}, expected ({counts.shape[0]}, {scatter.shape[0]}) from class_counts_ and scatter_")
-        if self.num_classes_ is not None and (not _is_int(self.num_classes_) or self.num_classes_ < counts.shape[0]):
-            raise ValueError(f"num_classes_ {self.num_classes_!r} does not match class_counts_ of shape {tuple(counts.shape)}")
+        c = self.class_counts_.shape[0]
+        if self.num_classes_ is not None and self.num_classes_ < c:
+            raise ValueError(f"num_classes_ = {self.num_classes_} is smaller than the {c} classes of class_counts_")
 
     def _class_gaussian(self) -> None:
         """Derive what scoring needs: the whitening ``W``, centre and whitened class means."""

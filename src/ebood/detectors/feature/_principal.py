@@ -9,7 +9,8 @@ import torch
 
 from ...outputs import Head, Outputs
 from .. import _linalg as la
-from ._common import _check_positive_int, _check_count, _FeatureDetector, _KeepsHead
+from .._learned import integer, tensor
+from ._common import _check_positive_int, _FeatureDetector, _KeepsHead
 
 
 def _default_vim_dim(d: int) -> int:
@@ -22,6 +23,13 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
 
     fit_requires = ("head",)
     streaming = True
+    learned_state = {
+        "head_weight_": tensor("C", "D"),
+        "head_bias_": tensor("C"),
+        "sample_count_": integer(minimum=1),
+        "feature_mean_": tensor("D", dtype="float64"),
+        "scatter_": tensor("D", "D", dtype="float64"),
+    }
 
     def __init__(self, dim: int | None = None) -> None:
         self.dim = dim
@@ -68,16 +76,6 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
             counts = torch.tensor([float(other.sample_count_)], dtype=torch.float64)
             self._add_moments((counts, other.feature_mean_[None], other.scatter_))
 
-    def _check_state(self) -> None:
-        mean, scatter = self.feature_mean_, self.scatter_
-        if not isinstance(mean, torch.Tensor) or not isinstance(scatter, torch.Tensor):
-            raise ValueError("the state lacks feature_mean_ or scatter_")
-        d = mean.shape[0] if mean.ndim == 1 else -1
-        if mean.ndim != 1 or scatter.shape != (d, d):
-            raise ValueError(f"feature_mean_ {tuple(mean.shape)} and scatter_ {tuple(scatter.shape)} must be (D,) and (D, D)")
-        self._check_head_state(d)
-        self.sample_count_ = _check_count(self.sample_count_, "sample_count_")
-
     def _residual_dim(self, d: int) -> int:
         """The principal dimension used for features of dimension ``d`` (an error if >= d)."""
         dim = _default_vim_dim(d) if self.dim is None else int(self.dim)
@@ -105,7 +103,16 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
         origin = -(torch.linalg.pinv(w, rtol=rtol) @ b).to(self.scatter_.device)
         shift = self.feature_mean_ - origin
         moment = self.scatter_ / self.sample_count_ + torch.outer(shift, shift)
-        _, vecs = torch.linalg.eigh((moment + moment.T) / 2)  # ascending eigenvalues
+        vals, vecs = torch.linalg.eigh((moment + moment.T) / 2)  # ascending eigenvalues
+        # numpy's matrix_rank rule: eigenvalues below D * eps of the largest are rounding noise
+        rank = int((vals > vals[-1].clamp_min(0) * d * torch.finfo(torch.float64).eps).sum())
+        if rank < dim:
+            raise ValueError(
+                f"{self.name}: the {self.sample_count_} training sample(s) span only {rank} dimension(s) around the head's origin, "
+                f"fewer than dim={dim}: the principal space is not determined by the data (identical rows, or fewer distinct "
+                f"samples than dim); fit on more varied features or use dim <= {max(rank, 1)}"
+            )
+        self._rank = rank
         basis = vecs[:, : d - dim].contiguous()
         self._residual_basis = basis
         self._origin_residual = origin @ basis  # u NS, subtracted in float64 at scoring

@@ -10,6 +10,7 @@ import torch
 from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
+from .._learned import tensor
 from ..base import register
 from ._common import _batch_num_classes, _classes_text, _check_positive_float, _FeatureDetector
 
@@ -44,6 +45,11 @@ class ConjNorm(_FeatureDetector):
     name = "conjnorm"
     paper = "Peng et al., ICLR 2024"
     fit_requires = ("labels",)
+    learned_state = {
+        "guides_": tensor("K", "D", dtype="float64"),
+        "log_partition_": tensor("K", dtype="float64"),
+        "classes_": tensor("K", dtype="int"),
+    }
 
     def __init__(self, p: float = 2.2, temperature: float = 0.05) -> None:
         self.p = p
@@ -103,15 +109,6 @@ class ConjNorm(_FeatureDetector):
         self.guides_ = guides
         self.log_partition_ = log_z
         self.classes_ = torch.nonzero(present)[:, 0]
-
-    def _check_state(self) -> None:
-        g, z, classes = self.guides_, self.log_partition_, self.classes_
-        if not all(isinstance(t, torch.Tensor) for t in (g, z, classes)):
-            raise ValueError("the state lacks guides_, log_partition_ or classes_")
-        if g.ndim != 2 or z.shape != (g.shape[0],) or classes.shape != (g.shape[0],):
-            raise ValueError(f"guides_ {tuple(g.shape)}, log_partition_ {tuple(z.shape)} and classes_ {tuple(classes.shape)} must be (K, D), (K,), (K,)")
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError("log_partition_ must be finite")
 
     def _finalize(self) -> None:
         pass

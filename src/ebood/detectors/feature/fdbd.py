@@ -10,8 +10,9 @@ import torch
 from ..._arrays import accumulation_dtype
 from ...outputs import Head, Outputs
 from .. import _linalg as la
+from .._learned import integer, tensor
 from ..base import register
-from ._common import _check_count, _FeatureDetector, _KeepsHead
+from ._common import _FeatureDetector, _KeepsHead
 
 __all__ = ["FDBD"]
 
@@ -39,6 +40,12 @@ class FDBD(_KeepsHead, _FeatureDetector):
     paper = "Liu & Qin, ICML 2024"
     fit_requires = ("head",)
     streaming = True
+    learned_state = {
+        "head_weight_": tensor("C", "D"),
+        "head_bias_": tensor("C"),
+        "feature_sum_": tensor("D", dtype="float64"),
+        "sample_count_": integer(minimum=1),
+    }
 
     def __init__(self) -> None:
         pass
@@ -76,12 +83,6 @@ class FDBD(_KeepsHead, _FeatureDetector):
             self._check_same_head(other.head_weight_, other.head_bias_, "the other fit has")
         self.feature_sum_ += other.feature_sum_.to(self.feature_sum_.device)
         self.sample_count_ = int(self.sample_count_) + int(other.sample_count_)
-
-    def _check_state(self) -> None:
-        if not isinstance(self.feature_sum_, torch.Tensor) or self.feature_sum_.ndim != 1:
-            raise ValueError("feature_sum_ must be a (D,) tensor")
-        self._check_head_state(self.feature_sum_.shape[0])
-        self.sample_count_ = _check_count(self.sample_count_, "sample_count_")
 
     def _finalize(self) -> None:
         if self.sample_count_ <= 0:

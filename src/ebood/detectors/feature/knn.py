@@ -11,6 +11,7 @@ import torch
 from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
+from .._learned import tensor
 from ..base import register
 from ._bank import _Bank
 from ._common import _check_positive_int
@@ -58,6 +59,12 @@ class KNN(_Bank):
 
     name = "knn"
     paper = "Sun et al., ICML 2022"
+    learned_state = {
+        **_Bank.learned_state,
+        "index_bytes_": tensor("B", dtype="uint8", optional=True),  # hnsw: the serialised faiss index
+        "ivf_centroids_": tensor("L", "D", optional=True),  # ivf: the list centroids
+        "ivf_offsets_": tensor("L+1", dtype="int", optional=True),  # ivf: list l is bank_[offsets[l]:offsets[l+1]]
+    }
 
     def __init__(self, k: int = 50, index: str = "flat") -> None:
         self.k = k
@@ -125,25 +132,22 @@ class KNN(_Bank):
         return index
 
     def _check_state(self) -> None:
-        super()._check_state()
         n, d = self.bank_.shape
         kept = {"hnsw": self.index_bytes_ is not None, "ivf": self.ivf_centroids_ is not None or self.ivf_offsets_ is not None}
         for other, present in kept.items():
             if other != self.index and present:
                 raise ValueError(f"the state holds an {other} index, but index={self.index!r}")
         if self.index == "hnsw":
-            b = self.index_bytes_
-            if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.ndim != 1:
+            if self.index_bytes_ is None:
                 raise ValueError("index='hnsw' needs index_bytes_, a 1-D uint8 tensor (a serialised faiss index)")
             index = self._load_hnsw()
             if index.ntotal != n or index.d != d:
                 raise ValueError(f"the faiss index holds {index.ntotal} vectors of dimension {index.d}, bank_ has shape {(n, d)}")
             self._index = index
         elif self.index == "ivf":
-            c, o = self.ivf_centroids_, self.ivf_offsets_
-            if not isinstance(c, torch.Tensor) or not isinstance(o, torch.Tensor) or c.ndim != 2 or c.shape[1] != d or o.shape != (c.shape[0] + 1,):
-                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in (c, o)]
-                raise ValueError(f"ivf_centroids_ {shapes[0]} and ivf_offsets_ {shapes[1]} must be (nlist, {d}) and (nlist + 1,)")
+            o = self.ivf_offsets_
+            if self.ivf_centroids_ is None or o is None:
+                raise ValueError("index='ivf' needs ivf_centroids_ and ivf_offsets_")
             if int(o[0]) != 0 or int(o[-1]) != n or bool((o[1:] < o[:-1]).any()):
                 raise ValueError(f"ivf_offsets_ must rise from 0 to the bank size {n}")
 

@@ -56,4 +56,6 @@ class NNGuide(_Bank):
         acc = accumulation_dtype(x.dtype)
         guidance = la.top_k_similarity_mean(la.normalise_rows(x.to(acc)), self.bank_.to(x.device, acc), self.k)
         energy = torch.logsumexp(outputs.logits.to(x.device, acc), dim=1)
-        return self._finite_scores(-(guidance * energy), x)
+        # finite features and logits give a finite score (|guidance| <= the bank's largest energy);
+        # an infinite logit gives its limit, +/-inf (CONVENTIONS.md)
+        return -(guidance * energy)

@@ -24,13 +24,21 @@ class RelativeMahalanobis(_ClassGaussian):
     and ``MD_0(x) = (x - mu_0)^T Sigma_0^+ (x - mu_0)``:
     ``score = min_c MD_c(x) - MD_0(x)`` (the paper's confidence is ``-min_c (MD_c - MD_0)``,
     negated here: higher = more OOD). The background covariance is the within-class scatter plus
-    the between-class scatter of the class means, so it streams with the same sums.
+    the between-class scatter of the class means, so it streams with the same sums. Training data
+    of one class is an error: both Gaussians would then coincide and every score be 0.
     """
 
     name = "relative_mahalanobis"
     paper = "Ren et al., 2021 (arXiv:2106.09022)"
 
     def _finalize(self) -> None:
+        classes = int((self.class_counts_ > 0).sum())
+        if classes < 2:
+            # refused, not warned: every score would be 0, a silently useless detector
+            raise ValueError(
+                f"{self.name}: the training data has samples of {classes} class; with one class the class Gaussian is the "
+                "background Gaussian and every score is 0. Fit on labelled data of at least 2 classes, or use 'mahalanobis'"
+            )
         self._class_gaussian()
         _, _, total = la.total_moments(self._moments())
         self._background = la.inverse_sqrt(total / self._n, self.name, "background covariance")

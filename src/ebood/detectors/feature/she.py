@@ -9,6 +9,8 @@ import torch
 from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
+from .._finite import check_nan_rows
+from .._learned import tensor
 from ..base import register
 from ._common import _classes_text, _FeatureDetector
 
@@ -37,6 +39,7 @@ class SHE(_FeatureDetector):
     requires = ("features", "logits")
     fit_requires = ("labels",)
     streaming = True
+    learned_state = {"pattern_sums_": tensor(2, "C", "D", dtype="float64"), "pattern_counts_": tensor(2, "C", dtype="float64")}
 
     def __init__(self) -> None:
         pass
@@ -78,13 +81,6 @@ class SHE(_FeatureDetector):
         self.pattern_sums_ += other.pattern_sums_.to(self.pattern_sums_.device)
         self.pattern_counts_ += other.pattern_counts_.to(self.pattern_counts_.device)
 
-    def _check_state(self) -> None:
-        sums, counts = self.pattern_sums_, self.pattern_counts_
-        if not isinstance(sums, torch.Tensor) or not isinstance(counts, torch.Tensor):
-            raise ValueError("the state lacks pattern_sums_ or pattern_counts_")
-        if sums.ndim != 3 or sums.shape[0] != 2 or counts.shape != sums.shape[:2]:
-            raise ValueError(f"pattern_sums_ {tuple(sums.shape)} and pattern_counts_ {tuple(counts.shape)} must be (2, C, D) and (2, C)")
-
     @property
     def _num_classes(self) -> int:
         return self.pattern_sums_.shape[1]
@@ -120,6 +116,7 @@ class SHE(_FeatureDetector):
     def _score(self, outputs: Outputs) -> torch.Tensor:
         x = self._features(outputs, self.pattern_sums_.shape[2])
         z = outputs.logits
+        check_nan_rows(z, "logits", self.name)  # argmax would silently pick a NaN entry
         if z.shape[1] != self._num_classes:
             raise ValueError(f"detector {self.name!r}: logits have {z.shape[1]} classes, the detector was fitted on {self._num_classes} classes")
         acc = accumulation_dtype(x.dtype)

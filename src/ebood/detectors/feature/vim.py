@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
+from .._learned import number, tensor
 from ..base import register
 from ._principal import _PrincipalSpace
 
@@ -39,6 +38,7 @@ class ViM(_PrincipalSpace):
 
     name = "vim"
     paper = "Wang et al., CVPR 2022"
+    learned_state = {**_PrincipalSpace.learned_state, "max_logit_sum_": number(), "alpha_sample_": tensor("S", "D")}
 
     #: training rows kept to average the residual norm for alpha
     ALPHA_SAMPLE = 10000
@@ -121,19 +121,22 @@ class ViM(_PrincipalSpace):
             self._add_sample(other.alpha_sample_, other._sample_keys)
 
     def _check_state(self) -> None:
-        super()._check_state()
-        s = self.alpha_sample_
-        d = self.feature_mean_.shape[0]
         expected = min(self.sample_count_, self.ALPHA_SAMPLE)
-        if not isinstance(s, torch.Tensor) or s.ndim != 2 or s.shape != (expected, d):
-            shape = tuple(s.shape) if isinstance(s, torch.Tensor) else None
-            raise ValueError(f"alpha_sample_ has shape {shape}, expected ({expected}, {d}) from sample_count_ and feature_mean_")
-        if isinstance(self.max_logit_sum_, bool) or not isinstance(self.max_logit_sum_, (int, float)) or not math.isfinite(self.max_logit_sum_):
-            raise ValueError(f"max_logit_sum_ must be a finite number, got {self.max_logit_sum_!r}")
+        if self.alpha_sample_.shape[0] != expected:
+            raise ValueError(
+                f"alpha_sample_ has {self.alpha_sample_.shape[0]} rows; sample_count_ = {self.sample_count_} gives {expected} "
+                f"(at most ALPHA_SAMPLE = {self.ALPHA_SAMPLE})"
+            )
 
     def _finalize(self) -> None:
         self._prune_sample()
         self._principal_space()
+        if self._rank <= self._dim_used:
+            raise ValueError(
+                f"{self.name}: the {self.sample_count_} training sample(s) span {self._rank} dimension(s) around the head's origin, "
+                f"so they have no residual outside the principal space of dim={self._dim_used}: alpha = mean max-logit / mean "
+                f"residual is undefined (identical rows, or too few distinct samples); fit on more varied features or use dim < {self._rank}"
+            )
         sample = self.alpha_sample_
         residual = self._residual_norms(sample, torch.float64).mean()
         if not bool(residual > 0):
