@@ -372,6 +372,8 @@ class MahalanobisEnsemble(ModelDetector):
         _check_positive(epsilon, "epsilon", self.name, allow_zero=True)
         if self.layers is not None and not self.layers:
             raise ValueError(f"{self.name}: layers is empty; give module names or None")
+        if self.layers is not None and not all(isinstance(n, str) for n in self.layers):
+            raise TypeError(f"{self.name}: layers must be module names (strings), got {self.layers!r}")
 
     # ----- fitting -----------------------------------------------------------------------------
     def fit_layers(self, model: nn.Module) -> list[str]:
