@@ -36,7 +36,7 @@ def rows(n: int, seed: int = 1) -> torch.Tensor:
 def test_vim_on_identical_rows_or_one_row_is_an_error(n, tmp_path):
     """The issue's reproduction: the fit was accepted and scores came out around 1e16."""
     same, test = rows(1).repeat(n, 1), outputs(rows(5, seed=2))
-    with pytest.raises(ValueError, match=r"span 1 dimension.*identical rows"):
+    with pytest.raises(detectors.DegenerateFitError, match=r"span 1 dimension.*identical rows"):
         detectors.create("vim", dim=1).fit(outputs(same)).score(test)
     with pytest.raises(ValueError, match=r"span only 1 dimension.*identical rows"):
         detectors.create("vim", dim=3).fit(outputs(same)).save(tmp_path / "vim.safetensors")
@@ -91,7 +91,7 @@ def test_vim_alpha_on_a_just_sufficient_fit_matches_float64_numpy():
 def test_relative_mahalanobis_on_one_class_is_an_error():
     """The issue's reproduction: every score was 0."""
     x = rows(30)
-    with pytest.raises(ValueError, match="samples of 1 class.*every score is 0"):
+    with pytest.raises(detectors.DegenerateFitError, match="samples of 1 class.*every score is 0"):
         detectors.create("relative_mahalanobis").fit(outputs(x, torch.zeros(30, dtype=torch.long))).score(outputs(rows(5, seed=5)))
     two = detectors.create("relative_mahalanobis").fit(outputs(x, torch.arange(30) % 2))
     assert float(two.score(outputs(rows(5, seed=5))).abs().max()) > 0
@@ -127,3 +127,27 @@ def test_a_non_numeric_tpr_is_refused(bad):
     out = ebood.Outputs(logits=torch.randn(8, 3))
     with pytest.raises(TypeError, match="tpr"):
         detectors.create("energy").calibrate(out, tpr=bad)
+
+
+def test_a_degenerate_fit_does_not_sink_an_evaluation():
+    """``evaluate_detectors`` (and ``ebood bench``) give the degenerate detector NaN metrics with a
+    warning; the others keep their results."""
+    import warnings
+
+    from torch import nn
+
+    from ebood.evaluation import evaluate_detectors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    train = torch.utils.data.TensorDataset(torch.randn(3, 3, 2, 2, generator=g), torch.arange(3))  # 3 rows: rank 3 < dim 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate_detectors(model, train, torch.randn(20, 3, 2, 2, generator=g), {"far": 4 * torch.randn(15, 3, 2, 2, generator=g)},
+                                 ["energy", "vim"], progress=False)
+    assert all(math.isnan(v) for v in res.metrics["vim"]["far"].values())
+    assert not any(math.isnan(v) for v in res.metrics["energy"]["far"].values())
+    assert any("vim" in str(w.message) and "dim=4" in str(w.message) for w in caught)
+    with pytest.raises(detectors.DegenerateFitError):
+        res.detectors["vim"].score(ebood.Outputs(features=torch.randn(2, 8)))

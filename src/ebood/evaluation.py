@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import metrics as _metrics
-from .detectors import Detector, NonFiniteError, create
+from .detectors import DegenerateFitError, Detector, NonFiniteError, create
 from .extraction import PENULTIMATE, ExtractionError, extract, on_device, resolve_device
 from .outputs import Outputs
 
@@ -161,10 +161,11 @@ def _accuracy(out: Outputs) -> float | None:
 
 def _scores_or_nan(label: str, set_name: str, n: int, score: Any) -> torch.Tensor:
     """``score()``, or NaN for every sample (and a warning) when the detector refuses non-finite
-    data: one detector's refusal must not take the other detectors' results with it."""
+    data or its fit is degenerate: one detector's refusal must not take the other detectors'
+    results with it."""
     try:
         return score()
-    except NonFiniteError as exc:
+    except (NonFiniteError, DegenerateFitError) as exc:
         warnings.warn(f"{set_name}: {exc}", RuntimeWarning, stacklevel=3)
         return torch.full((n,), math.nan)
 

@@ -5,12 +5,12 @@ module per detector), ``shaping`` (activation shaping, re-applying the head) and
 (detectors that need the model itself). A new detector is one class, decorated with ``@register``.
 """
 
-from .base import Detector, MissingFieldError, NonFiniteError, NotFittedError, available, create, get, load, register
+from .base import DegenerateFitError, Detector, MissingFieldError, NonFiniteError, NotFittedError, available, create, get, load, register
 from .logit import *  # noqa: F401,F403
 from .feature import *  # noqa: F401,F403
 from .shaping import *  # noqa: F401,F403
 from .model import *  # noqa: F401,F403
 from . import feature, logit, model, shaping
 
-__all__ = ["Detector", "MissingFieldError", "NonFiniteError", "NotFittedError", "available", "create", "get", "load", "register"]
+__all__ = ["DegenerateFitError", "Detector", "MissingFieldError", "NonFiniteError", "NotFittedError", "available", "create", "get", "load", "register"]
 __all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__

@@ -41,7 +41,7 @@ from ..state import StateError, load_state, save_state
 from ._finite import NonFiniteError, check_finite_rows, check_scores
 from ._learned import Learned, check_header, check_learned, learned_values, number
 
-__all__ = ["Detector", "NotFittedError", "MissingFieldError", "NonFiniteError", "register", "create", "available", "get", "load"]
+__all__ = ["Detector", "NotFittedError", "MissingFieldError", "NonFiniteError", "DegenerateFitError", "register", "create", "available", "get", "load"]
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 STATE_FORMAT = "ebood.detector"
@@ -53,6 +53,10 @@ class NotFittedError(RuntimeError):
 
 class MissingFieldError(ValueError):
     """Raised when Outputs lack a field (logits, features, labels, head) that a detector needs."""
+
+
+class DegenerateFitError(ValueError):
+    """The training data cannot define the detector (identical rows, a single class, ...)."""
 
 
 def register(cls: type["Detector"]) -> type["Detector"]:

@@ -10,6 +10,7 @@ import torch
 from ...outputs import Head, Outputs
 from .. import _linalg as la
 from .._learned import integer, tensor
+from ..base import DegenerateFitError
 from ._common import _check_positive_int, _FeatureDetector, _KeepsHead
 
 
@@ -107,7 +108,7 @@ class _PrincipalSpace(_KeepsHead, _FeatureDetector):
         # numpy's matrix_rank rule: eigenvalues below D * eps of the largest are rounding noise
         rank = int((vals > vals[-1].clamp_min(0) * d * torch.finfo(torch.float64).eps).sum())
         if rank < dim:
-            raise ValueError(
+            raise DegenerateFitError(
                 f"{self.name}: the {self.sample_count_} training sample(s) span only {rank} dimension(s) around the head's origin, "
                 f"fewer than dim={dim}: the principal space is not determined by the data (identical rows, or fewer distinct "
                 f"samples than dim); fit on more varied features or use dim <= {max(rank, 1)}"

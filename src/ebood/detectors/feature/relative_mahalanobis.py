@@ -7,7 +7,7 @@ import torch
 from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
-from ..base import register
+from ..base import DegenerateFitError, register
 from ._gaussian import _ClassGaussian
 
 __all__ = ["RelativeMahalanobis"]
@@ -35,7 +35,7 @@ class RelativeMahalanobis(_ClassGaussian):
         classes = int((self.class_counts_ > 0).sum())
         if classes < 2:
             # refused, not warned: every score would be 0, a silently useless detector
-            raise ValueError(
+            raise DegenerateFitError(
                 f"{self.name}: the training data has samples of {classes} class; with one class the class Gaussian is the "
                 "background Gaussian and every score is 0. Fit on labelled data of at least 2 classes, or use 'mahalanobis'"
             )

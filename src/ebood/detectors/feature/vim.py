@@ -9,7 +9,7 @@ from ..._arrays import accumulation_dtype
 from ...outputs import Outputs
 from .. import _linalg as la
 from .._learned import number, tensor
-from ..base import register
+from ..base import DegenerateFitError, register
 from ._principal import _PrincipalSpace
 
 __all__ = ["ViM"]
@@ -132,7 +132,7 @@ class ViM(_PrincipalSpace):
         self._prune_sample()
         self._principal_space()
         if self._rank <= self._dim_used:
-            raise ValueError(
+            raise DegenerateFitError(
                 f"{self.name}: the {self.sample_count_} training sample(s) span {self._rank} dimension(s) around the head's origin, "
                 f"so they have no residual outside the principal space of dim={self._dim_used}: alpha = mean max-logit / mean "
                 f"residual is undefined (identical rows, or too few distinct samples); fit on more varied features or use dim < {self._rank}"
