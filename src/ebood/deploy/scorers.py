@@ -24,7 +24,8 @@ from torch import nn
 
 from ..detectors import Detector
 from ..detectors import _linalg as la
-from ..detectors.feature import KNN, SHE, ConjNorm, FDBD, Mahalanobis, NNGuide, RelativeMahalanobis, Residual, ViM, _classes_text
+from ..detectors.feature import KNN, SHE, ConjNorm, FDBD, Mahalanobis, NNGuide, RelativeMahalanobis, Residual, ViM
+from ..detectors.feature._common import _classes_text
 from ..detectors.logit import GEN, MSP, Energy, Entropy, KLMatching, MaxLogit, TemperatureScaling
 from ..detectors.model import ModelDetector
 from ..detectors.shaping import ASH, DICE, ReAct, Scale, _kept_count
