@@ -271,3 +271,12 @@ def test_cli_export_errors_are_one_line(tmp_path):
     _assert_one_line_error(RUNNER.invoke(app, base + [str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "w.pt2")]), "no such detector file")
     _assert_one_line_error(RUNNER.invoke(app, base + [str(tmp_path / "odin.safetensors"), "-o", str(tmp_path / "w.zip")]), "unknown export format")
     _assert_one_line_error(RUNNER.invoke(app, ["export", "--model", "pkg.mod:fn", "--detector", str(tmp_path / "odin.safetensors"), "-o", str(tmp_path / "w.pt")]), "input shape")
+
+
+def test_cli_serve_refuses_bad_options_before_starting_ray(tmp_path):
+    pytest.importorskip("ray.serve")
+    create("gradnorm").save(tmp_path / "gn.safetensors")
+    _assert_one_line_error(RUNNER.invoke(app, ["serve", "--model", "digits_cnn"]), "--detector")
+    _assert_one_line_error(RUNNER.invoke(app, ["serve", "--model", "digits_cnn", "--detector", str(tmp_path / "gn.safetensors")]), "gradnorm", "backpropagation")
+    _assert_one_line_error(RUNNER.invoke(app, ["serve", "--exported", str(tmp_path / "w.pt2"), "--model", "digits_cnn"]), "not both")
+    _assert_one_line_error(RUNNER.invoke(app, ["serve", "--exported", str(tmp_path / "missing.pt2")]), "no such file")

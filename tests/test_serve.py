@@ -176,3 +176,21 @@ def test_a_failing_model_answers_500_and_the_service_keeps_working(service):
 def test_parse_inputs_casts_to_float32():
     x = parse_inputs(npy(np.ones((2, 3), np.float64)), "application/x-npy", (3,), 10)
     assert x.dtype == np.float32 and x.shape == (2, 3)
+
+
+def test_replicas_load_an_exported_file_like_the_wrapped_module(fitted, tmp_path):
+    pytest.importorskip("ray.serve")
+    from ebood.deploy import export
+    from ebood.deploy.serve import load_source
+
+    net, det, folder = fitted
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(9))
+    direct, name, threshold, shape = load_source({"model": "digits_cnn", "checkpoint": folder / "ck.pt", "detector": folder / "det.safetensors"})
+    assert (name, threshold, shape) == ("knn", det.threshold_, SHAPE)
+    export(direct, x[:2], tmp_path / "w.pt2")
+    loaded, name2, threshold2, shape2 = load_source({"exported": tmp_path / "w.pt2"})
+    assert (name2, threshold2, shape2) == (name, threshold, shape)
+    with torch.no_grad():
+        a, b = direct(x), loaded(x)
+    torch.testing.assert_close(a["score"], b["score"])
+    assert torch.equal(a["is_ood"], b["is_ood"])
