@@ -3,7 +3,6 @@ timeouts, Serve and Ray shut down at the end. Bad requests get a 4xx and the rep
 
 import io
 import json
-import logging
 import socket
 import urllib.error
 import urllib.request
@@ -45,18 +44,6 @@ def http(url, path, body=None, kind="application/json"):
         return e.code, e.read()
 
 
-def init_ray():
-    # a loaded machine can miss Ray's 15 s agent start-up window: try again before giving up
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from ebood.deploy import serve as served
@@ -71,13 +58,13 @@ def server(tmp_path_factory):
     det.calibrate(ebood.extract(net, x[100:], progress=False), tpr=0.8)
     det.save(folder / "det.safetensors")
     source = {"model": "digits_cnn", "checkpoint": folder / "ck.pt", "detector": folder / "det.safetensors"}
-    init_ray()
     try:
         for attempt in range(2):  # Serve's proxy can miss its health check on a loaded machine
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    url = served.start(source, host="127.0.0.1", port=free_port(), max_batch_size=8, batch_wait_ms=20, max_body_bytes=100_000, max_rows=32)
+                    url = served.start(source, host="127.0.0.1", port=free_port(), num_cpus=2, max_batch_size=8, batch_wait_ms=20,
+                                       max_body_bytes=100_000, max_rows=32)
                 break
             except ray.exceptions.RayError:
                 served.stop()
@@ -85,8 +72,8 @@ def server(tmp_path_factory):
                     raise
         yield url, net, det
     finally:
-        served.stop()
-        ray.shutdown()
+        served.stop()  # Serve, and the Ray instance that start() started
+        assert not ray.is_initialized()
 
 
 def reference(net, det, x):

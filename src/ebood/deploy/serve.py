@@ -123,15 +123,32 @@ def build_app(source: Source, *, replicas: int = 1, max_batch_size: int = 32, ba
 _STARTED_RAY: list[bool] = []
 
 
-def start(source: Source, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, quiet: bool = True, **options: Any) -> str:
-    """Start Ray (a local instance, or join the cluster at ``address``) and Serve on ``host:port``,
-    deploy the application, and return its URL. ``options`` go to :func:`build_app`."""
+def _init_ray(address: str | None, level: int, quiet: bool, num_cpus: int | None, attempts: int = 3) -> None:
+    import ray
+
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus} if address is None and num_cpus is not None else {}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=not quiet, logging_level=level, configure_logging=True, **kwargs)
+            return
+        except Exception:
+            # a busy machine can miss Ray's short start-up window for its node agents: try again
+            ray.shutdown()
+            if address is not None or attempt == attempts:
+                raise
+
+
+def start(source: Source, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, quiet: bool = True,
+          num_cpus: int | None = None, **options: Any) -> str:
+    """Start Ray (a local instance with ``num_cpus``, or join the cluster at ``address``) unless it
+    is running, and Serve on ``host:port``; deploy the application and return its URL.
+    ``options`` go to :func:`build_app`."""
     import ray
 
     app = build_app(source, **options)
     level = logging.WARNING if quiet else logging.INFO
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=not quiet, logging_level=level, configure_logging=True)
+        _init_ray(address, level, quiet, num_cpus)
         _STARTED_RAY.append(True)
     if quiet:
         for name in ("ray", "ray.serve"):
