@@ -11,14 +11,13 @@ Every file carries a JSON description (detector, threshold, input shape and dtyp
 classes, ebood version): an extra file ``ebood.json`` for the PyTorch formats, the metadata entry
 ``ebood`` for ONNX. :func:`load_exported` reads any of them into an :class:`ExportedDetector` whose
 call returns the same dict as the wrapped module. Files are written atomically (a temporary file in
-the same folder, then a rename).
+the same folder, then a rename: ``ebood.io.atomic_path``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..io import atomic_path, check_writable
 from .module import WrappedDetector
 
 __all__ = ["export", "load_exported", "ExportedDetector", "ExportError", "FORMATS", "format_of"]
@@ -76,19 +76,6 @@ def _metadata(wrapped: WrappedDetector, x: torch.Tensor, fmt: str, num_classes: 
     }
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def export(wrapped: WrappedDetector, example: Any, path: str | Path, *, format: str | None = None) -> Path:
     """Write ``wrapped`` to ``path`` in the format its suffix names (or ``format``: ``"export"``,
     ``"torchscript"``, ``"onnx"``). ``example`` is a batch of inputs of the served shape; the
@@ -105,28 +92,33 @@ def export(wrapped: WrappedDetector, example: Any, path: str | Path, *, format: 
     with torch.no_grad():
         num_classes = int(wrapped(x)["logits"].shape[1])
     meta = json.dumps(_metadata(wrapped, x, fmt, num_classes), sort_keys=True)
-    writer = {"export": _write_export, "torchscript": _write_torchscript, "onnx": _write_onnx}[fmt]
-    return _atomic(path, lambda tmp: writer(wrapped, x, tmp, meta))
+    check_writable(path)  # before the (slow) tracing
+    converter = {"export": _convert_export, "torchscript": _convert_torchscript, "onnx": _convert_onnx}[fmt]
+    save = converter(wrapped, x, meta)  # tracing errors are not file errors: outside the atomic write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save(tmp)
+    return path
 
 
-def _write_export(wrapped: WrappedDetector, x: torch.Tensor, tmp: Path, meta: str) -> None:
+def _convert_export(wrapped: WrappedDetector, x: torch.Tensor, meta: str) -> Callable[[Path], None]:
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(wrapped, (x,), dynamic_shapes=({0: batch},), strict=False)
-    torch.export.save(program, str(tmp), extra_files={METADATA_NAME: meta})
+    return lambda tmp: torch.export.save(program, str(tmp), extra_files={METADATA_NAME: meta})
 
 
-def _write_torchscript(wrapped: WrappedDetector, x: torch.Tensor, tmp: Path, meta: str) -> None:
+def _convert_torchscript(wrapped: WrappedDetector, x: torch.Tensor, meta: str) -> Callable[[Path], None]:
     with warnings.catch_warnings():
         # recent torch deprecates TorchScript in favour of torch.export; tracing still works
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         with torch.no_grad():
             traced = torch.jit.trace(wrapped, (x,), strict=False, check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: meta})
+    return lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: meta})
 
 
-def _write_onnx(wrapped: WrappedDetector, x: torch.Tensor, tmp: Path, meta: str) -> None:
+def _convert_onnx(wrapped: WrappedDetector, x: torch.Tensor, meta: str) -> Callable[[Path], None]:
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
@@ -151,7 +143,7 @@ def _write_onnx(wrapped: WrappedDetector, x: torch.Tensor, tmp: Path, meta: str)
     model = program.model_proto
     entry = model.metadata_props.add()
     entry.key, entry.value = "ebood", meta
-    onnx.save(model, str(tmp))
+    return lambda tmp: onnx.save(model, str(tmp))
 
 
 # ----- loading -----------------------------------------------------------------------------------
