@@ -1,7 +1,8 @@
 """OOD detectors behind one API: ``create(name, **hyperparameters)``, ``fit``, ``score``.
 
 One file per family: ``logit`` (logits only), ``feature`` (penultimate features), ``shaping``
-(activation shaping, re-applying the head) and ``model`` (detectors that need the model itself).
+(activation shaping, re-applying the head) and ``model`` (detectors that need the model itself);
+``msma`` (multiscale score matching, a trained density model) has a file of its own.
 A new detector is one class in one of these files, decorated with ``@register``.
 """
 
@@ -10,7 +11,8 @@ from .logit import *  # noqa: F401,F403
 from .feature import *  # noqa: F401,F403
 from .shaping import *  # noqa: F401,F403
 from .model import *  # noqa: F401,F403
-from . import feature, logit, model, shaping
+from .msma import *  # noqa: F401,F403
+from . import feature, logit, model, msma, shaping
 
 __all__ = ["Detector", "MissingFieldError", "NotFittedError", "available", "create", "get", "load", "register"]
-__all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__
+__all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__ + msma.__all__
