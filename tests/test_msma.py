@@ -193,3 +193,11 @@ def test_msma_errors():
 def test_msma_rejects_a_feature_width_it_was_not_fitted_on(fitted_features):
     with pytest.raises(ValueError, match="fitted on"):
         fitted_features.score(Outputs(features=torch.zeros(3, 5)))
+
+
+def test_msma_max_samples_fits_on_a_seeded_subset(one_thread):
+    x = _blobs(300, 5)
+    det = create("msma", max_samples=60, epochs=2, hidden=16, n_components=1, progress=False).fit(Outputs(features=x))
+    keep = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:60].sort().values
+    sub = create("msma", epochs=2, hidden=16, n_components=1, progress=False).fit(Outputs(features=x[keep]))
+    torch.testing.assert_close(det.score(Outputs(features=x[:20])), sub.score(Outputs(features=x[:20])), rtol=0, atol=0)

@@ -73,7 +73,8 @@ class MSMA(Detector):
     (``lr``, ``batch_size``) for at most ``epochs`` epochs on all but ``val_fraction`` of the data
     and stops early when the score-matching loss on that held-out part has not improved for
     ``patience`` epochs (the best weights are kept). ``n_components``: the mixture's size, or
-    ``None`` for the paper's grid 2, 4, ..., 20 selected by held-out log-likelihood. ``seed`` fixes
+    ``None`` for the paper's grid 2, 4, ..., 20 selected by held-out log-likelihood. ``max_samples``:
+    fit on a seeded random subset of at most this many samples (``None``: all). ``seed`` fixes
     the split, the initial weights, the batches and the noise; ``progress`` shows a bar (on a
     terminal). The network conditions on the noise level in its output layer, so one forward pass
     gives all ``L`` norms (see ``_score_networks``). A fitted detector's state (network weights,
@@ -93,8 +94,8 @@ class MSMA(Detector):
 
     def __init__(self, on: str = "features", num_scales: int = 10, sigma_high: float = 1.0, sigma_low: float = 0.01,
                  hidden: int | None = None, epochs: int = 100, batch_size: int = 128, lr: float = 1e-3, patience: int = 5,
-                 val_fraction: float = 0.1, n_components: int | Sequence[int] | None = None, seed: int = 0,
-                 progress: bool = True) -> None:
+                 val_fraction: float = 0.1, n_components: int | Sequence[int] | None = None, max_samples: int | None = None,
+                 seed: int = 0, progress: bool = True) -> None:
         expected = "inputs" if isinstance(self, MSMAInputs) else "features"
         if on not in ("features", "inputs"):
             raise ValueError(f"msma: on must be 'features' or 'inputs', got {on!r}")
@@ -107,6 +108,8 @@ class MSMA(Detector):
             _check_int(value, name)
         if hidden is not None:
             _check_int(hidden, "hidden")
+        if max_samples is not None:
+            _check_int(max_samples, "max_samples", minimum=3)
         if not (math.isfinite(float(lr)) and lr > 0):
             raise ValueError(f"msma: lr must be finite and > 0, got {lr!r}")
         if not 0 < float(val_fraction) < 1:
@@ -122,6 +125,7 @@ class MSMA(Detector):
             raise ValueError(f"msma: seed must be an integer, got {seed!r}")
         self.hidden, self.epochs, self.batch_size, self.lr, self.patience = hidden, epochs, batch_size, lr, patience
         self.val_fraction, self.n_components, self.seed, self.progress = val_fraction, n_components, seed, bool(progress)
+        self.max_samples = max_samples
 
     # ----- fitting -------------------------------------------------------------------------------
     def _network_config(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -139,6 +143,9 @@ class MSMA(Detector):
         """Train the score network and the mixture on ID samples ``x`` (N, ...)."""
         from ._msma_fit import DEFAULT_COMPONENTS, fit_density, train_score_network
 
+        if self.max_samples is not None and x.shape[0] > self.max_samples:
+            keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))[: self.max_samples]
+            x = x[keep.sort().values]
         n = x.shape[0]
         n_val = max(1, int(round(self.val_fraction * n)))
         if n - n_val < 2:
