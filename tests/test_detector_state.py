@@ -23,7 +23,7 @@ from ebood.state import StateError, load_state, save_state
 C, D = 4, 24
 NAMES = detectors.available()
 #: hyperparameters that the small data needs (where the detector has them)
-SMALL = {"dim": 6, "k": 5}
+SMALL = {"dim": 6, "k": 5, "epochs": 3, "progress": False}  # (msma: a short training)
 #: values of the wrong type or range, tried on every hyperparameter
 BAD_VALUES = (-5, 0, "x", [1, 2], {"a": 1}, 1e400, True)
 

@@ -23,7 +23,7 @@ from ebood import detectors
 from ebood.detectors import NonFiniteError
 
 C, D = 4, 24
-SMALL = {"dim": 6, "k": 5}
+SMALL = {"dim": 6, "k": 5, "epochs": 3, "progress": False}  # (msma: a short training)
 BAD_ROWS = [3, 7]
 
 

@@ -34,6 +34,7 @@ _DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "float64": (torch.float64,),
     "int": (torch.int64, torch.int32),
     "uint8": (torch.uint8,),
+    "real": (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32),
 }
 _DIM = re.compile(r"^([A-Za-z]\w*)(?:\+(\d+))?$")
 
@@ -42,9 +43,9 @@ _DIM = re.compile(r"^([A-Za-z]\w*)(?:\+(\d+))?$")
 class Learned:
     """One learned attribute. Use the constructors below (``tensor``, ``integer``, ...)."""
 
-    kind: str  # "tensor", "tensors", "int", "number", "text", "texts"
+    kind: str  # "tensor", "tensors", "int", "ints", "number", "text", "texts", "mapping"
     dtype: str = "float"  # tensors: a key of _DTYPES
-    shape: tuple[str | int, ...] | None = None  # tensors: one entry per dimension
+    shape: tuple[str | int, ...] | None = None  # tensors: one entry per dimension (None: any shape)
     ndim: int | None = None  # "tensors": every tensor of the dict has this many dimensions
     optional: bool = False  # may be None (or absent)
     minimum: float | None = None  # int / number: smallest allowed value
@@ -54,11 +55,17 @@ class Learned:
     finite: bool = True  # floating tensors / numbers: every value finite
 
     def describe(self) -> str:
+        if self.kind == "tensor" and self.shape is None:
+            return f"a {self.dtype} tensor"
         if self.kind == "tensor":
             dims = ", ".join(str(d) for d in self.shape or ())
             return f"a {self.dtype} tensor of shape ({dims}{',' if len(self.shape or ()) == 1 else ''})"
         if self.kind == "tensors":
-            return f"a dict of {self.ndim}-D {self.dtype} tensors"
+            return f"a dict of {'' if self.ndim is None else f'{self.ndim}-D '}{self.dtype} tensors"
+        if self.kind == "ints":
+            return "a list of integers >= 1"
+        if self.kind == "mapping":
+            return "a JSON object of numbers, strings and lists of numbers"
         if self.kind == "int":
             return f"an integer >= {self.minimum:g}" if self.minimum is not None else "an integer"
         if self.kind == "number":
@@ -68,15 +75,26 @@ class Learned:
         return "a list of strings"
 
 
-def tensor(*shape: str | int, dtype: str = "float", optional: bool = False, finite: bool = True) -> Learned:
-    """A tensor of ``dtype`` kind (``"float"``: any float dtype; ``"float64"``, ``"int"``, ``"uint8"``)."""
+def tensor(*shape: str | int, dtype: str = "float", optional: bool = False, finite: bool = True, any_shape: bool = False) -> Learned:
+    """A tensor of ``dtype`` kind (``"float"``: any float dtype; ``"float64"``, ``"int"``, ``"uint8"``,
+    ``"real"``: float or int); ``any_shape``: its shape is checked by the detector itself."""
     for d in shape:
         if not isinstance(d, int) and not _DIM.match(d):
             raise ValueError(f"bad shape symbol {d!r}")
-    return Learned("tensor", dtype=dtype, shape=tuple(shape), optional=optional, finite=finite)
+    return Learned("tensor", dtype=dtype, shape=None if any_shape else tuple(shape), optional=optional, finite=finite)
 
 
-def tensors(ndim: int, dtype: str = "float") -> Learned:
+def ints() -> Learned:
+    """A list of integers >= 1 (e.g. a sample shape)."""
+    return Learned("ints")
+
+
+def mapping() -> Learned:
+    """A JSON object of plain values (numbers, strings, booleans, lists of numbers): a configuration."""
+    return Learned("mapping")
+
+
+def tensors(ndim: int | None, dtype: str = "float") -> Learned:
     """A dict ``name -> tensor`` (saved as one tensor per entry)."""
     return Learned("tensors", dtype=dtype, ndim=ndim)
 
@@ -120,7 +138,20 @@ def _check_plain(name: str, spec: Learned, value: Any) -> Any:
     elif spec.kind == "texts":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(bad)
+    elif spec.kind == "ints":
+        if not isinstance(value, list) or not all(_is_int(v) and v >= 1 for v in value):
+            raise ValueError(bad)
+    elif spec.kind == "mapping":
+        if not isinstance(value, dict) or not all(isinstance(k, str) and _is_plain(v) for k, v in value.items()):
+            raise ValueError(bad)
     return value
+
+
+def _is_plain(v: Any) -> bool:
+    """A JSON scalar, or a flat list of them (no nesting: a configuration, not a document)."""
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return True
+    return isinstance(v, list) and all(x is None or isinstance(x, (str, bool, int, float)) for x in v)
 
 
 def _check_tensor(name: str, spec: Learned, t: Any, ndim: int | None) -> None:
@@ -163,7 +194,7 @@ def check_learned(spec: Mapping[str, Learned], values: Mapping[str, Any], requir
         if value is None:
             continue
         if s.kind == "tensor":
-            _check_tensor(name, s, value, len(s.shape or ()))
+            _check_tensor(name, s, value, None if s.shape is None else len(s.shape))
             for d, size in zip(s.shape or (), value.shape):
                 if isinstance(d, int):
                     if size != d:
@@ -204,7 +235,7 @@ def learned_values(tensors: dict[str, torch.Tensor], plain: dict[str, Any], path
     tensors = dict(tensors)
     values: dict[str, Any] = {}
     for key, value in plain.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "__tensor_dict__" in value:  # other objects are plain (a configuration)
             keys = value.get("__tensor_dict__")
             if set(value) != {"__tensor_dict__"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise StateError(f"{path}: learned value {key!r} is a JSON object that is not a list of tensors")
