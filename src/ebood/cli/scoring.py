@@ -9,11 +9,14 @@ from typing import Optional
 import numpy as np
 import typer
 
+from ..scores import SCORE_NAMES
 from ._app import app, command, fail  # noqa: F401
+from ._help import RAY_INSTALL, check_choice, one_of
 
-LOGIT_SCORES = ("energy", "msp", "max_logit", "entropy")
+LOGIT_SCORES = SCORE_NAMES
+POSITIVE_CLASSES = ("id", "ood")
 RAY_HELP = (
-    "Run on Ray (pip install 'ebood\\[ray]'): INPUT is Parquet file(s) or a directory of them, -o a directory of "
+    "Run on Ray (" + RAY_INSTALL + "): INPUT is Parquet file(s) or a directory of them, -o a directory of "
     "Parquet files written all-or-nothing. ADDRESS: auto (the running cluster), ray://HOST:10001, or local "
     "(a throwaway local instance; also what a bare --ray means)."
 )
@@ -37,13 +40,13 @@ def _score_on_ray(input_file: Path, output: Path, score: str, temperature: float
     typer.echo(f"wrote {det.name}{' and is_ood' if predict else ''} for {input_file} to {out}/ (Parquet)")
 
 
-@command("score")
+@command("score", renamed={"-d": ["--detector"]})
 def score_command(
     input_file: Path = typer.Argument(..., help="Logits (.npy/.npz/.pt/.safetensors/.parquet/.csv), or named outputs for --detector."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the scores (.npy, .npz, .csv, .parquet, .safetensors, .pt)."),
-    score: str = typer.Option("energy", "--score", "-s", help="energy | msp | max_logit | entropy | all"),
+    score: str = typer.Option("energy", "--score", "-s", help="The logit score: " + one_of(LOGIT_SCORES + ("all",)) + " (all: every one, and the prediction)."),
     temperature: float = typer.Option(1.0, "--temperature", "-T", help="Softmax temperature for energy and msp."),
-    detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted detector file (from `ebood fit`)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="A fitted detector file (from `ebood fit`)."),
     head: Optional[Path] = typer.Option(None, "--head", help="With --detector: the classifier head (.npz/.safetensors with head_weight, head_bias) for input files that cannot hold it (parquet)."),
     predict: bool = typer.Option(False, "--predict", help="With --detector: also write is_ood (1 = flagged) from the threshold set by `ebood fit --calibrate`."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
@@ -121,15 +124,14 @@ def evaluate_command(
     ood: list[str] = typer.Option(..., "--ood", help="Scores of an OOD set: FILE or NAME=FILE (repeatable)."),
     key: Optional[str] = typer.Option(None, "--key", help="Array name inside multi-array files (e.g. energy)."),
     tpr: float = typer.Option(0.95, "--tpr", help="True positive rate for the FPR column."),
-    positive: str = typer.Option("id", "--positive", help="Positive class of the FPR: id (energy paper) or ood (OpenOOD)."),
+    positive: str = typer.Option("id", "--positive", help="Positive class of the FPR: " + one_of(POSITIVE_CLASSES) + " (id: the energy paper's; ood: OpenOOD's)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (fractions) instead of a table."),
 ) -> None:
     """Metrics (FPR@TPR, AUROC, AUPR-In, AUPR-Out) of ID vs each OOD set, and their mean."""
     from .. import metrics
     from ..tables import metrics_table, print_table
 
-    if positive not in ("id", "ood"):
-        fail(f"--positive must be 'id' or 'ood', got {positive!r}")
+    check_choice(positive, POSITIVE_CLASSES, "--positive")
     if not 0.0 < tpr <= 1.0:
         fail(f"--tpr must be in (0, 1], got {tpr!r}")
     id_a = _read_scores(id_scores, key)
