@@ -207,7 +207,7 @@ def test_interrupt_exits_130_naming_the_checkpoint(files, pretrained, tmp_path, 
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--loss", "nope"], "unknown loss 'nope'"),
+    (["--loss", "nope"], "--loss must be energy or oe, got 'nope'"),
     (["--loss", "oe", "--m-in", "-3"], "apply to --loss energy only"),
     (["--preset", "imagenet"], "unknown fine-tuning preset 'imagenet'"),
     (["-o", "weights.pt"], "ending in .safetensors"),
@@ -227,9 +227,24 @@ def test_bad_options_are_one_line_errors(files, tmp_path, args, fragment):
 
 def test_finetune_needs_model_and_id_without_preset(files, tmp_path):
     assert_error(run("finetune", "--outliers", f"array:{files / 'outliers.npz'}", "-o", tmp_path / "x.safetensors"),
-                 2, "give --model and --id")
+                 2, "give --model and --data")
 
 
 def test_train_bad_data_spec(tmp_path):
     res = run("train", "--model", "digits_cnn", "--data", "nosuchkind:abc", "-o", tmp_path / "x.safetensors")
     assert_error(res, 2)
+
+
+def test_train_defaults_are_the_builtin_presets_recipe(tmp_path):
+    from ebood.train import get_preset
+
+    recipe = get_preset("builtin").pretrain  # the recipe the built-in benchmark trains DigitsCNN with
+    res = run("train", "--model", "digits_cnn", "--epochs", 1, "-o", tmp_path / "d.safetensors", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "with the builtin preset's recipe" in res.output
+    s = record(tmp_path / "d.safetensors")["settings"]
+    assert (s["optimizer"], s["lr"], s["id_batch_size"], s["weight_decay"]) == (
+        recipe.optimizer, recipe.lr, recipe.batch_size, recipe.weight_decay)
+    assert s["epochs"] == 1  # an option given explicitly wins
+    assert s["info"]["data"] == get_preset("builtin").id_data and s["info"]["preset"] == "builtin"
+    assert recipe.epochs < 100  # not train_classifier's 100-epoch CIFAR default

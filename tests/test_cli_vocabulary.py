@@ -152,3 +152,52 @@ def test_a_value_outside_the_list_is_refused_in_one_line(tmp_path):
     res = RUNNER.invoke(app, ["report", str(tmp_path), "--figures", "some"])
     assert res.exit_code == 2
     assert "ebood: error: --figures must be auto, all or none, got 'some'" in res.output
+
+
+# ----- warnings: ebood's own are relabelled, other libraries' deprecation notices need --verbose ---
+def _warning(message, category, filename):
+    import warnings
+
+    return warnings.WarningMessage(message, category, filename, 10)
+
+
+def test_only_ebood_warnings_are_labelled_ebood(capsys):
+    from ebood.cli._app import echo_warnings
+
+    ebood_file = str(Path(ebood.__file__).parent / "detectors" / "feature.py")
+    caught = [
+        _warning(UserWarning("mahalanobis: the covariance is singular\nmore"), UserWarning, ebood_file),
+        _warning(DeprecationWarning("ray.foo is deprecated"), DeprecationWarning, "/x/site-packages/ray/data/api.py"),
+        _warning(FutureWarning("torch bar changes"), FutureWarning, ebood_file),  # attributed to ebood by stacklevel
+        _warning(UserWarning("sklearn says hi"), UserWarning, "/x/site-packages/sklearn/base.py"),
+        _warning(UserWarning("mahalanobis: the covariance is singular\nmore"), UserWarning, ebood_file),
+    ]
+    echo_warnings(caught)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "ebood: warning: mahalanobis: the covariance is singular"
+    assert lines[1].startswith("/x/site-packages/sklearn/base.py:10: UserWarning: sklearn says hi")
+    assert len(lines) == 2 and not any("deprecated" in line or "torch bar" in line for line in lines)
+    echo_warnings(caught, verbose=True)
+    err = capsys.readouterr().err
+    assert "DeprecationWarning: ray.foo is deprecated" in err and "FutureWarning: torch bar changes" in err
+    assert "ebood: warning: ray.foo" not in err and "ebood: warning: torch bar" not in err
+
+
+def test_ray_data_info_lines_are_quiet_unless_verbose():
+    import logging
+
+    distributed = pytest.importorskip("ebood.distributed")
+    from ebood.distributed._runtime import quiet_ray_data
+
+    logger = logging.getLogger("ray.data")
+    before = logger.level
+    child = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    with quiet_ray_data():
+        assert not child.isEnabledFor(logging.INFO) and child.isEnabledFor(logging.WARNING)
+    assert logger.level == before
+    distributed.set_verbose(True)
+    try:
+        with quiet_ray_data():
+            assert logger.level == before
+    finally:
+        distributed.set_verbose(False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 import click
@@ -112,6 +114,38 @@ def command(*args: Any, renamed: Renames | None = None, **kwargs: Any) -> Callab
         return fn
 
     return wrap
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: categories ebood never issues: another library telling its own users about its API
+_THEIR_NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def echo_warnings(caught: list[warnings.WarningMessage], verbose: bool = False) -> None:
+    """Print warnings recorded during a command: ebood's own as one ``ebood: warning:`` line each;
+    other libraries' (Ray, torch ...) with their own label, their deprecation notices only when
+    ``verbose``. Repeats are printed once."""
+    seen: set[str] = set()
+    for w in caught:
+        if issubclass(w.category, _THEIR_NOTICES):
+            if not verbose:
+                continue
+            line = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "").rstrip()
+        elif _in_ebood(w.filename):
+            text = str(w.message).strip()
+            line = f"ebood: warning: {text.splitlines()[0] if text else w.category.__name__}"
+        else:
+            line = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "").rstrip()
+        if line not in seen:
+            seen.add(line)
+            typer.echo(line, err=True)
+
+
+def _in_ebood(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
 
 
 def _print_version(value: bool) -> None:

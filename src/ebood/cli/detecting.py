@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import typer
 
 from ..detectors import available
-from ._app import app, command, fail  # noqa: F401
+from ._app import app, command, echo_warnings, fail  # noqa: F401
 from ._help import RAY_INSTALL, one_of
 
 TRAIN_FILE_HELP = (
@@ -115,6 +115,7 @@ def fit_command(
         "Fit on Ray (" + RAY_INSTALL + "): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
         "are merged in a tree (detectors whose fit is a sum over samples). ADDRESS: auto, ray://HOST:10001, or local."
     )),
+    verbose: bool = typer.Option(False, "--verbose", help="With --ray: show Ray's and Ray Data's log lines and other libraries' deprecation warnings."),
 ) -> None:
     """Fit a detector on in-distribution training outputs and save it for `ebood score --detector`."""
     from ..detectors import MissingFieldError, create
@@ -125,6 +126,7 @@ def fit_command(
             warnings.simplefilter("always")
             if ray is not None:
                 distributed_module().check_mergeable(det)  # before starting Ray
+                distributed_module().set_verbose(verbose)
                 with connect_ray(ray) as dist:
                     det = dist.fit(det, train_file, head=read_head(head), sharded_knn=False)
             else:
@@ -135,8 +137,7 @@ def fit_command(
     except MissingFieldError as exc:
         hint = " (give the head with --head FILE)" if "Outputs.head" in str(exc) and head is None else ""
         fail(f"{exc}{hint}")
-    for w in caught:  # one line each, like the errors
-        typer.echo(f"ebood: warning: {str(w.message).splitlines()[0]}", err=True)
+    echo_warnings(caught, verbose)
     note = "" if det.threshold_ is None else f" (threshold {det.threshold_:.6g} keeps {100 * tpr:g}% of ID)"
     typer.echo(f"wrote {det!r}{note} to {output}")
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._app import app, command, fail  # noqa: F401
+from ._app import app, command, echo_warnings, fail  # noqa: F401
 from ._help import MODEL_HELP, DATA_SPEC_HELP, POOL_MODES, one_of
 
 #: formats that hold several named arrays of different lengths (the head beside per-sample arrays)
@@ -104,8 +104,7 @@ def extract_command(
         warnings.simplefilter("always")
         out = extract(net, dataset, layers=_split_layers(layers), batch_size=batch_size, device=device, amp=amp, cache=cache,
                       progress=progress, output=_parse_selector(logits_from), pool=pool)  # type: ignore[arg-type]
-    for w in caught:
-        typer.echo(f"ebood: warning: {str(w.message).splitlines()[0]}", err=True)
+    echo_warnings(caught)
     arrays: dict[str, Any] = {"logits": out.logits}
     if isinstance(out.features, dict):
         arrays.update({f"features/{name}": t for name, t in out.features.items()})

@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._api import check_mergeable, fit, mergeable, score
 from ._knn import ShardedKNN
 from ._metrics import evaluate
-from ._runtime import init_ray, write_parquet_atomic
+from ._runtime import init_ray, set_verbose, write_parquet_atomic
 from ._source import PartitionError, parquet_files
 
-__all__ = ["score", "fit", "evaluate", "mergeable", "check_mergeable", "ShardedKNN", "PartitionError", "init_ray", "parquet_files", "write_parquet_atomic"]
+__all__ = ["score", "fit", "evaluate", "mergeable", "check_mergeable", "ShardedKNN", "PartitionError", "init_ray", "set_verbose", "parquet_files", "write_parquet_atomic"]
