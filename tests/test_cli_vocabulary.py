@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -24,11 +23,11 @@ load_commands()
 RUNNER = CliRunner()
 
 
-def _commands() -> dict[str, click.Command]:
+def _commands() -> dict:
     return dict(typer.main.get_command(app).commands)
 
 
-def _options(cmd: click.Command) -> dict[str, list[str]]:
+def _options(cmd) -> dict[str, list[str]]:
     """parameter name -> its option spellings (long and short)."""
     return {p.name: p.opts + p.secondary_opts for p in cmd.params if p.param_type_name == "option"}
 

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
-import click
 import typer
 import typer.core
 
@@ -82,7 +81,7 @@ def _command_class(renamed: Renames) -> type[typer.core.TyperCommand]:
     """A click command that accepts the deprecated spellings in ``renamed`` (hidden from --help)."""
 
     class Command(typer.core.TyperCommand):
-        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
             return super().parse_args(ctx, rename_deprecated(args, renamed, ctx.info_name or self.name or ""))
 
     return Command
