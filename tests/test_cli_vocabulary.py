@@ -131,6 +131,7 @@ def _help(command: str) -> str:
     ("extract", "--model", lambda: sorted(BUILTINS)),
     ("train", "--data", lambda: available_builtin()),
     ("fit", "DETECTOR", lambda: detectors()),
+    ("bench", "--detectors", lambda: detectors()),
     ("finetune", "--loss", lambda: ["energy", "oe"]),
     ("train", "--optimizer", lambda: ["sgd", "adam"]),
     ("evaluate", "--positive", lambda: ["id", "ood"]),

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import typer
 
 from ..bench.presets import available_presets
+from ..detectors import available as available_detectors
 from ..report import write_report
 from ._app import app, command, fail  # noqa: F401
 from ._help import check_choice, one_of
@@ -53,7 +54,7 @@ def bench_command(
     root: Path = typer.Option(None, "--root", help="Folder holding the real data sets in their official formats (default: $EBOOD_DATA)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Trained weights for the config's model (.safetensors or .pt)."),
     outliers: str = typer.Option(None, "--outliers", help="Dataset spec of auxiliary outliers for the fine-tuned models."),
-    detectors: str = typer.Option(None, "--detectors", help="Comma-separated detector names (default: the benchmark's, or every registered one)."),
+    detectors: str = typer.Option(None, "--detectors", help="Comma-separated detector names among " + ", ".join(available_detectors()) + " (default: the benchmark's, or every registered one)."),
     seed: int = typer.Option(None, "--seed", help="Seed (default: 0, or the config's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where trained models and extracted outputs are cached (default: $EBOOD_CACHE or ~/.cache/ebood)."),
     figures: str = typer.Option("auto", "--figures", help=_FIGURES_HELP),
