@@ -241,8 +241,13 @@ def test_missing_field_is_named(name, fitted):
     for field in set(cls.requires + cls.fit_requires):
         with pytest.raises(MissingFieldError, match=f"Outputs.{field}"):
             make(name).fit(without(TRAIN, field))
-    with pytest.raises(TypeError, match="ebood.Outputs"):
-        fitted[name].score(TEST.logits)
+    if cls.requires in (("logits",), ("features",)):  # one input kind: the bare tensor is that input
+        bare = TEST.logits if cls.requires == ("logits",) else TEST.feature()
+        wrapped = ebood.Outputs(**{cls.requires[0]: bare})
+        torch.testing.assert_close(fitted[name].score(bare), fitted[name].score(wrapped))
+    else:
+        with pytest.raises(TypeError, match="ebood.Outputs"):
+            fitted[name].score(TEST.logits)
 
 
 # ----- streaming fit and merge -------------------------------------------------------------------
