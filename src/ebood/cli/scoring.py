@@ -70,6 +70,8 @@ def score_command(
 
     if detector is None and (head is not None or predict):
         fail("--head and --predict need --detector FILE")
+    if ray_address is None:
+        io.check_writable(output)
     if ray_address is not None:
         _score_on_ray(input_file, output, score, temperature, detector, head, predict, ray_address, overwrite, verbose)
         return
@@ -85,25 +87,23 @@ def score_command(
     else:
         if score != "all" and score not in LOGIT_SCORES:
             fail(f"unknown score {score!r}; choose one of {', '.join(LOGIT_SCORES)}, all (or --detector FILE)")
-        arrays_in = io.read_arrays(input_file)
-        logits = arrays_in["logits"] if "logits" in arrays_in else io.read_array(input_file)
+        arrays_in = io.read_arrays(input_file)  # once: a .npy input is memory-mapped, not copied
+        logits = io.choose_array(arrays_in, input_file, "logits" if "logits" in arrays_in else None)
         _check_finite(input_file, _non_finite_rows(logits), len(logits), "rows of logits hold NaN or infinite values", strict)
         result = scores.logit_scores(logits, temperature)
         arrays = {k: result[k] for k in (list(LOGIT_SCORES) + ["prediction"] if score == "all" else [score])}
-    if output.suffix.lower() in (".npy", ".csv") and len(arrays) > 1:
-        fail(f"{output}: {' and '.join(arrays)} are several arrays; write them to .npz, .parquet, .safetensors or .pt")
     io.write_arrays(output, {k: v.cpu() for k, v in arrays.items()})
     n = next(iter(arrays.values())).numel()
     typer.echo(f"wrote {', '.join(arrays)} for {n} samples to {output}")
 
 
-def _non_finite_rows(logits: object) -> int:
-    import torch
-
-    t = torch.as_tensor(logits)
-    if not t.is_floating_point() or t.ndim == 0:
+def _non_finite_rows(logits: np.ndarray, chunk: int = 1 << 16) -> int:
+    """Rows of ``logits`` with a NaN or infinite value (in chunks: the input may be a memory map)."""
+    a = np.asarray(logits)
+    if a.dtype.kind not in "fc" or a.ndim == 0:
         return 0
-    return int((~torch.isfinite(t.reshape(len(t), -1))).any(dim=1).sum())
+    return sum(int((~np.isfinite(a[i:i + chunk])).reshape(len(a[i:i + chunk]), -1).any(axis=1).sum())
+               for i in range(0, len(a), chunk))
 
 
 def _check_finite(path: Path, bad: int, total: int, what: str, strict: bool) -> None:
@@ -153,9 +153,7 @@ def _read_scores(path: Path, key: Optional[str], default_key: Optional[str] = No
         key = None if set(arrays) == {_UNNAMED} else default_key
     if key is None and len(arrays) > 1:
         fail(f"{path} holds several arrays ({', '.join(arrays)}); choose the scores with --key NAME or {path}:NAME")
-    if key is not None and key not in arrays:
-        fail(f"{path} has no array {key!r}; it holds {', '.join(arrays)}")
-    a = io.read_array(path, key)
+    a = io.choose_array(arrays, path, key)
     if a.dtype.kind not in "fiu":
         fail(f"{path}: scores must be numbers, got dtype {a.dtype}")
     if a.ndim == 2 and 1 in a.shape:

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from ..io import FileWriteError, atomic_write_text
 from ..metrics import METRIC_NAMES
 from ..tables import best_mask, metric_label, percent
 from . import figures as plots
@@ -227,15 +228,7 @@ def _body(results: Results, columns: Sequence[tuple[str, str, Any]], span: int, 
 
 
 def _reference(results: Results) -> tuple[str, dict[str, float], str] | None:
-    """Published numbers of the protocol (``[reference]`` of a preset): metric, values by model/detector, source."""
-    ref = results.config.get("reference")
-    if not isinstance(ref, Mapping):
-        return None
-    metric = ref.get("metric", "fpr95")
-    values = {k: float(v) for k, v in ref.items() if "/" in k and isinstance(v, (int, float))}
-    if metric not in METRIC_NAMES or not values:
-        return None
-    return metric, values, str(ref.get("source", ""))
+    return results.reference()
 
 
 def summary_table(results: Results) -> str:
@@ -497,9 +490,9 @@ def write_report(results_dir: str | Path, *, figures: Literal["auto", "all", "no
     page = render_report(results, figures_mode=figures, workers=workers)
     path = results.directory / REPORT_FILE
     try:
-        path.write_text(page, encoding="utf-8")
+        atomic_write_text(path, page)
     except OSError as exc:
-        raise ReportError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+        raise ReportError(str(exc) if isinstance(exc, FileWriteError) else f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path
 
 
