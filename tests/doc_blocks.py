@@ -21,7 +21,7 @@ from pathlib import Path
 RUN_LANGUAGES = {"bash": "bash", "sh": "bash", "shell": "bash", "console": None, "python": "python", "py": "python"}
 #: the line that skips the block right after it, with the reason shown in the test report
 SKIP_MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*skip\b\s*(?P<reason>.*?)\s*-->\s*$")
-ANY_MARKER = re.compile(r"<!--\s*doc-test\b")
+ANY_MARKER = re.compile(r"^\s*<!--\s*doc-test\b")  # a marker line (prose may quote the marker)
 #: the README's set-up commands: CI runs them already (.ci/run), so the doc test does not
 SETUP_MARKERS = {
     "<!-- main-command -->": "the README's main set-up command (creates .venv, installs ebood, runs `ebood bench`); "
