@@ -41,10 +41,10 @@ def wrapped_from_options(model: str, detector: Path, checkpoint: Optional[Path],
                       output=_parse_selector(logits_from), **kwargs)
 
 
-@command("export")
+@command("export", renamed={"-d": ["--detector"]})
 def export_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    detector: Path = typer.Option(..., "--detector", "-d", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
+    detector: Path = typer.Option(..., "--detector", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write: .pt2 (torch.export), .pt (TorchScript) or .onnx."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="State dict to load into the model (.safetensors, .pt)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", "-a", help="Constructor argument KEY=VALUE (repeatable), e.g. -a num_classes=100."),
@@ -61,10 +61,10 @@ def export_command(
     typer.echo(f"wrote {wrapped.detector_name} on {model} (threshold {float(wrapped.threshold):.6g}, inputs {tuple(example.shape[1:])}) to {path}")
 
 
-@command("serve")
+@command("serve", renamed={"-d": ["--detector"]})
 def serve_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
     exported: Optional[Path] = typer.Option(None, "--exported", "-e", help="Serve a file written by `ebood export` (.pt2, .pt, .onnx) instead of --model / --detector."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="State dict to load into the model (.safetensors, .pt)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", "-a", help="Constructor argument KEY=VALUE (repeatable)."),
