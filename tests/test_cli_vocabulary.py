@@ -91,8 +91,8 @@ def test_each_concept_has_one_name_in_every_command():
                 assert "--output" in names, f"ebood {name}: -o is not --output"
             if "-d" in names:
                 assert "--data" in names, f"ebood {name}: -d means {names}, not --data"
-            if any("cache" in n for n in names):
-                assert "--cache-dir" in names, f"ebood {name}: cache option spelt {names}"
+            if any(n in ("--cache", "--cache-dir", "--cache-folder") for n in names):
+                assert names == ["--cache-dir"], f"ebood {name}: cache folder option spelt {names}"
             if any("figures" in n for n in names):
                 assert names == ["--figures"], f"ebood {name}: figures option spelt {names}"
         if name in ("train", "finetune", "extract"):

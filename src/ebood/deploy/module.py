@@ -108,7 +108,9 @@ class WrappedDetector(nn.Module):
         """Run ``example`` (a batch of inputs) once and check what can only be checked with data:
         that the last ``nn.Linear`` called is the head producing the logits, and that a detector
         which kept a head was fitted with this model's head. Errors name the problem."""
-        x = torch.as_tensor(example)
+        x = torch.as_tensor(example).to(_model_device(self.model))
+        if x.is_floating_point():
+            x = x.to(_model_dtype(self.model))
         if not self.needs_features:
             self._check_classes(select_output(self.model(x), self.output))
             return self
