@@ -18,6 +18,7 @@ from ebood.detectors import available as detectors
 from ebood.models import BUILTINS
 from ebood.scores import SCORE_NAMES
 from ebood.train import available_presets as training_presets
+from ebood.train.finetune import LOSSES
 
 load_commands()
 RUNNER = CliRunner()
@@ -132,7 +133,7 @@ def _help(command: str) -> str:
     ("train", "--data", lambda: available_builtin()),
     ("fit", "DETECTOR", lambda: detectors()),
     ("bench", "--detectors", lambda: detectors()),
-    ("finetune", "--loss", lambda: ["energy", "oe"]),
+    ("finetune", "--loss", lambda: sorted(LOSSES)),
     ("train", "--optimizer", lambda: ["sgd", "adam"]),
     ("evaluate", "--positive", lambda: ["id", "ood"]),
     ("extract", "--pool", lambda: ["avg", "max", "flatten"]),
