@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -106,17 +107,16 @@ def serve_command(
     try:
         url = served.start(source, host=host, port=port, address=address, quiet=not verbose, replicas=replicas, max_batch_size=max_batch_size,
                            batch_wait_ms=batch_wait_ms, max_body_bytes=int(max_body_mb * 2**20), max_rows=max_rows)
-    except USER_ERRORS:
-        raise
-    except Exception as exc:  # Ray's own start-up failures: one line, and nothing left running
-        served.stop()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot start Ray Serve on {host}:{port}: {first}")
-    typer.echo(f"serving on {url}: POST /score, GET /healthz, GET /metrics (Ctrl-C to stop)", err=True)
-    try:
+        typer.echo(f"serving on {url}: POST /score, GET /healthz, GET /metrics (Ctrl-C to stop)", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         typer.echo("ebood: stopping", err=True)
+    except USER_ERRORS:
+        raise
+    except Exception as exc:  # Ray's own start-up failures: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"cannot start Ray Serve on {host}:{port}: {first}")
     finally:
-        served.stop()
+        with contextlib.suppress(KeyboardInterrupt):  # Ray re-raises a second Ctrl-C while shutting down
+            served.stop()  # also after Ctrl-C during start-up: nothing left running
