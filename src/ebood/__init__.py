@@ -20,7 +20,7 @@ from .detectors import load  # noqa: E402
 __all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors"]
 
 _LAZY_FUNCTIONS = {"extract": "extraction", "evaluate_detectors": "evaluation"}
-_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed")
+_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed", "selective")
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 One file per family: ``logit`` (logits only), ``feature`` (penultimate features), ``shaping``
 (activation shaping, re-applying the head) and ``model`` (detectors that need the model itself).
+Failure (misclassification) detectors have a file each: ``doctor``, ``relu``, ``softmax_centroid``.
 A new detector is one class in one of these files, decorated with ``@register``.
 """
 
@@ -10,7 +11,11 @@ from .logit import *  # noqa: F401,F403
 from .feature import *  # noqa: F401,F403
 from .shaping import *  # noqa: F401,F403
 from .model import *  # noqa: F401,F403
-from . import feature, logit, model, shaping
+from .doctor import *  # noqa: F401,F403
+from .relu import *  # noqa: F401,F403
+from .softmax_centroid import *  # noqa: F401,F403
+from . import doctor, feature, logit, model, relu, shaping, softmax_centroid
 
 __all__ = ["Detector", "MissingFieldError", "NotFittedError", "available", "create", "get", "load", "register"]
 __all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__
+__all__ += doctor.__all__ + relu.__all__ + softmax_centroid.__all__
