@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.special import bdtr, betaincinv
+from scipy.stats import binom
 
 from ._arrays import as_correct, as_scores_1d
 
@@ -71,10 +72,10 @@ def _cumulative(scores: Any, correct: Any) -> tuple[np.ndarray, np.ndarray, np.n
     """Distinct scores ascending, and for each the number accepted and the number wrong among them."""
     s = as_scores_1d(scores, "scores")
     ok = as_correct(correct, s.size)
-    values, inverse = np.unique(s, return_inverse=True)
-    accepted = np.cumsum(np.bincount(inverse, minlength=values.size))
-    wrong = np.cumsum(np.bincount(inverse[~ok], minlength=values.size))
-    return values, accepted, wrong
+    order = np.argsort(s)
+    ordered = s[order]
+    ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])  # last index of each tie group
+    return ordered[ends], ends + 1, np.cumsum(~ok[order])[ends]
 
 
 def _sgr(accepted: np.ndarray, wrong: np.ndarray, risk: float, delta: float) -> int:
@@ -90,15 +91,32 @@ def _sgr(accepted: np.ndarray, wrong: np.ndarray, risk: float, delta: float) -> 
     return best
 
 
-def _ltt(accepted: np.ndarray, wrong: np.ndarray, risk: float, delta: float) -> int:
+def _most_wrong(accepted: np.ndarray, risk: float, delta: float) -> np.ndarray:
+    """The most mistakes among ``accepted`` whose p-value ``P(Bin(accepted, risk) <= k)`` is <= delta."""
+    k = binom.ppf(delta, accepted, risk)  # smallest k with P(<= k) >= delta
+    return np.where(bdtr(k, accepted, risk) <= delta, k, k - 1)
+
+
+def _ltt(accepted: np.ndarray, wrong: np.ndarray, risk: float, delta: float, block: int = 1024) -> int:
     smallest = math.ceil(math.log(delta) / math.log1p(-risk))
     first = int(np.searchsorted(accepted, smallest))
     if first >= accepted.size:
         return -1
-    p = bdtr(wrong[first:], accepted[first:], risk)  # P(Bin(n, risk) <= e)
-    failed = np.flatnonzero(p > delta)
-    passed = int(failed[0]) if failed.size else p.size
-    return first + passed - 1 if passed else -1
+    # Only the first failing test matters. Both the mistakes and the allowance grow with the
+    # acceptance set, so a block whose last mistake count is within the allowance of its first
+    # candidate passes whole; p-values are computed only inside blocks where that check fails.
+    starts = np.arange(first, accepted.size, block)
+    ends = np.minimum(starts + block, accepted.size)
+    if starts.size == 1:  # one block: computing its p-values costs less than the check
+        passes_whole = np.zeros(1, dtype=bool)
+    else:
+        passes_whole = wrong[ends - 1] <= _most_wrong(accepted[starts], risk, delta)
+    for a, b in zip(starts[~passes_whole], ends[~passes_whole]):
+        p = bdtr(wrong[a:b], accepted[a:b], risk)  # P(Bin(n, risk) <= e)
+        failed = np.flatnonzero(p > delta)
+        if failed.size:
+            return a + int(failed[0]) - 1 if a + failed[0] > first else -1
+    return accepted.size - 1
 
 
 def calibrate(
