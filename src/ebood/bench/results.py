@@ -2,7 +2,8 @@
 
 A results directory holds ``results.json`` (config, versions, device, seed, timings, models, OOD
 sets and the flat ``rows``), ``results.csv`` (the rows), ``scores.safetensors`` (raw float32 scores
-keyed ``"{model}/{detector}/{set}"``, set = OOD set name or ``"id_test"``) and ``report.html``.
+keyed ``"{model}/{detector}/{set}"``, set = OOD set name or ``"id_test"``, and ``"{model}/id_correct"``,
+1 where the ID test prediction was right) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from safetensors.torch import save_file
 
 from .. import __version__
 
-__all__ = ["BenchResult", "ROW_FIELDS", "versions"]
+__all__ = ["BenchResult", "ROW_FIELDS", "FAILURE_FIELDS", "versions"]
 
 ROW_FIELDS = ("model", "detector", "ood_set", "group", "fpr95", "auroc", "aupr_in", "aupr_out")
+#: failure detection (docs/failure.md), where the ID test labels are known: misclassification AUROC
+#: and AURC on ID (the same on every row of a detector), and AURC over ID + this set, OOD = failure
+FAILURE_FIELDS = ("misclf_auroc", "aurc", "failure_aurc")
 
 
 def versions() -> dict[str, str]:
@@ -98,7 +102,7 @@ class BenchResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
         with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS + FAILURE_FIELDS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}, str(out / "scores.safetensors"))

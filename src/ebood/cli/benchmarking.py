@@ -98,7 +98,7 @@ def _print_table(results: dict) -> None:
     """The per-set table when it fits the terminal (any width when output is not a terminal), else the means."""
     from rich.console import Console
 
-    from ..report import results_table
+    from ..report import failure_results_table, results_table
 
     console = Console()
     if not console.is_terminal:
@@ -108,6 +108,9 @@ def _print_table(results: dict) -> None:
         table = results_table(results, per_set=False)
         table.caption = (table.caption + "; " if table.caption else "") + "per-set columns left out to fit the terminal: see report.html or results.csv"
     console.print(table)
+    failure = failure_results_table(results)
+    if failure is not None:
+        console.print(failure)
 
 
 def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint: Path | None, outliers: str | None,

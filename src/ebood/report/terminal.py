@@ -14,7 +14,7 @@ from rich.table import Table
 from ..tables import best_mask, metric_label, percent
 from .results import OOD_GROUPS, Results, _index, _parse_rows
 
-__all__ = ["results_table"]
+__all__ = ["results_table", "failure_results_table"]
 
 
 def _as_results(results: Results | Mapping[str, Any]) -> Results:
@@ -68,4 +68,29 @@ def results_table(results: Results | Mapping[str, Any], *, metric: str = "fpr95"
         cells = [f"[bold]{percent(v[i])}[/]" if b[i] else percent(v[i]) for v, b in zip(values, best)]
         acc_text = ("–" if acc is None else f"{100 * acc:.2f}") if first else ""
         table.add_row(model if first else "", det, *cells, acc_text)
+    return table
+
+
+def failure_results_table(results: Results | Mapping[str, Any]) -> Table | None:
+    """Failure detection per (model, detector): misclassification AUROC and AURC on the ID test
+    predictions, failure AURC over ID + OOD (mean over the OOD sets); None when not measured."""
+    res = _as_results(results)
+    if not res.has_failure_metrics():
+        return None
+    every = OOD_GROUPS + ("covariate",)
+    columns = [("misclf. AUROC ↑", "misclf_auroc", every), ("AURC ↓\n(ID)", "aurc", every), ("failure AURC ↓\n(ID + OOD)", "failure_aurc", OOD_GROUPS)]
+    table = Table(title=f"{res.benchmark}: failure detection (%), correct predictions kept; OOD counted as failures")
+    table.add_column("model", no_wrap=True)
+    table.add_column("detector", no_wrap=True, style="bold")
+    for name, _, _ in columns:
+        table.add_column(name, justify="right")
+    values = [[res.mean(m, d, groups, key) for m, d in res.pairs] for _, key, groups in columns]
+    best = [best_mask(v, key) for v, (_, key, _) in zip(values, columns)]
+    current = None
+    for i, (model, det) in enumerate(res.pairs):
+        if model != current and current is not None:
+            table.add_section()
+        cells = [f"[bold]{percent(v[i])}[/]" if b[i] else percent(v[i]) for v, b in zip(values, best)]
+        table.add_row(model if model != current else "", det, *cells)
+        current = model
     return table
