@@ -44,7 +44,7 @@ def test_failure_metrics_against_sklearn_and_brute_force():
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = run_builtin(seed=0, cache_dir=tmp_path_factory.mktemp("cache"), detectors=DETECTORS, finetuned=False, progress=False)
+    result = run_builtin(seed=0, cache_dir=tmp_path_factory.mktemp("cache"), detectors=DETECTORS, finetuned=False, other_losses=False, progress=False)
     result.save(out)
     return out
 
