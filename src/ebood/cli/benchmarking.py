@@ -104,7 +104,7 @@ def _print_table(results: dict) -> None:
     not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report.terminal import fit_results, summary_notes
+    from ..report.terminal import failure_results_table, fit_results, summary_notes
 
     console = Console()
     if not console.is_terminal:
@@ -113,6 +113,9 @@ def _print_table(results: dict) -> None:
     console.print(renderable)
     if layout != "per-set":
         console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
+    failure = failure_results_table(results)
+    if failure is not None:
+        console.print(failure)
     for note in summary_notes(results):
         console.print(note, markup=False, highlight=False)
 
