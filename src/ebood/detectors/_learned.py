@@ -52,7 +52,7 @@ class Learned:
     positive: bool = False  # number: > 0
     binds: str | None = None  # int: the shape symbol that the value fixes
     choices: tuple[str, ...] = ()  # text: allowed values
-    finite: bool = True  # floating tensors / numbers: every value finite
+    finite: bool = True  # floating tensors / numbers: every value finite (False: +/-inf allowed, NaN never)
 
     def describe(self) -> str:
         if self.kind == "tensor" and self.shape is None:
@@ -162,8 +162,11 @@ def _check_tensor(name: str, spec: Learned, t: Any, ndim: int | None) -> None:
         raise ValueError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {ndim} dimensions ({spec.describe()})")
-    if spec.finite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    if t.is_floating_point() and t.numel():
+        if spec.finite and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+        if bool(torch.isnan(t).any()):  # inf may be declared meaningful, NaN never is
+            raise ValueError(f"{name} holds non-finite values (NaN)")
 
 
 def _bind(dims: dict[str, tuple[int, str]], symbol: str, size: int, who: str) -> None:

@@ -9,7 +9,7 @@ from .. import scores
 from .._arrays import accumulation_dtype
 from ..outputs import Outputs
 from .base import Detector, register
-from .logit import _row_chunks
+from .logit import _row_chunks, _saturate
 
 __all__ = ["DOCTOR"]
 
@@ -55,6 +55,7 @@ class DOCTOR(Detector):
         return torch.cat(parts) if parts else torch.empty(0, dtype=acc, device=logits.device)
 
     def _chunk(self, z: torch.Tensor) -> torch.Tensor:
+        z = _saturate(z)  # +inf logits: their limit (CONVENTIONS.md "Non-finite values")
         shifted = (z - z.max(dim=1, keepdim=True).values) / float(self.temperature)
         e = shifted.exp()
         top = e.argmax(dim=1, keepdim=True)

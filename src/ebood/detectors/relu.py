@@ -10,8 +10,9 @@ import torch
 from .. import scores
 from .._arrays import accumulation_dtype
 from ..outputs import Outputs
+from ._learned import tensor
 from .base import Detector, register
-from .logit import _check_finite, _check_labels, _row_chunks
+from .logit import _check_finite, _check_labels, _row_chunks, _saturate
 
 __all__ = ["RelU"]
 
@@ -35,6 +36,11 @@ class RelU(Detector):
     """
 
     name = "relu"
+    learned_state = {
+        "correct_sum_": tensor("C", "C", dtype="float64"),
+        "wrong_sum_": tensor("C", "C", dtype="float64"),
+        "counts_": tensor(2, dtype="float64"),
+    }
     fit_requires = ("labels",)
     streaming = True
     paper = "Gomes et al., ICLR 2024"
@@ -125,7 +131,7 @@ class RelU(Detector):
         acc = accumulation_dtype(logits.dtype)
         parts = []
         for rows in _row_chunks(n, c, torch.float64):
-            p = torch.softmax(logits[rows].to("cpu", torch.float64) / float(self.temperature), dim=1)
+            p = torch.softmax(_saturate(logits[rows].to("cpu", torch.float64)) / float(self.temperature), dim=1)
             parts.append(((p @ d) * p).sum(dim=1).to(acc))
         out = torch.cat(parts) if parts else torch.empty(0, dtype=acc)
         return out.to(logits.device)

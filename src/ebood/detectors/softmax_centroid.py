@@ -9,8 +9,9 @@ import torch
 
 from .._arrays import accumulation_dtype
 from ..outputs import Outputs
+from ._learned import tensor
 from .base import Detector, register
-from .logit import _check_finite, _check_labels, _row_chunks
+from .logit import _check_finite, _check_labels, _row_chunks, _saturate
 
 __all__ = ["SoftmaxCentroid"]
 
@@ -35,6 +36,8 @@ class SoftmaxCentroid(Detector):
     """
 
     name = "softmax_centroid"
+    #: a class without wrong training predictions has an infinite safety threshold
+    learned_state = {"centroids_": tensor("C", "C", dtype="float64"), "safety_thresholds_": tensor("C", dtype="float64", finite=False)}
     fit_requires = ("labels",)
     paper = "Sikar et al., arXiv 2024"
 
@@ -44,7 +47,7 @@ class SoftmaxCentroid(Detector):
     def _softmax_chunks(self, logits: torch.Tensor):
         n, c = logits.shape
         for rows in _row_chunks(n, c, torch.float64):
-            yield rows, torch.softmax(logits[rows].to("cpu", torch.float64), dim=1)
+            yield rows, torch.softmax(_saturate(logits[rows].to("cpu", torch.float64)), dim=1)  # +inf logits: their limit
 
     def _fit(self, outputs: Outputs) -> None:
         logits, labels = outputs.logits, outputs.labels.to("cpu")
