@@ -18,11 +18,15 @@ from ._app import app, command, fail  # noqa: F401
 def report_command(
     results_dir: Path = typer.Argument(..., help="A results directory written by `ebood bench` (results.json, scores.safetensors)."),
     all_figures: bool = typer.Option(False, "--all-figures", help="Draw histograms and ROC curves for every model and detector (default: every detector of the pre-trained model, the main scores of the fine-tuned ones)."),
+    histogram_axis: str = typer.Option("auto", "--histogram-axis", help="Score histograms: auto (a log scale for a set that is one spike, as MSP's at -1), linear, log, or rank (the score's rank among ID scores)."),
 ) -> None:
     """Render RESULTS_DIR/report.html again from results.json and scores.safetensors; print its path."""
     from ..report import write_report
+    from ..report.figures import HISTOGRAM_AXES
 
-    path = write_report(results_dir, figures="all" if all_figures else "auto")
+    if histogram_axis not in HISTOGRAM_AXES:
+        fail(f"--histogram-axis must be one of {', '.join(HISTOGRAM_AXES)}, got {histogram_axis!r}")
+    path = write_report(results_dir, figures="all" if all_figures else "auto", histogram_axis=histogram_axis)
     typer.echo(str(path))
 
 
