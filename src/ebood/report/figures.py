@@ -1,14 +1,16 @@
 """The report's figures (matplotlib, Agg), returned as base64 PNG data URIs.
 
-* :func:`detector_figure`: for one model and detector, a ROC panel (all OOD sets) beside one histogram
-  panel per OOD set: the densities of ID and OOD scores and the threshold that keeps ``tpr`` of the
-  positive class, as in Figures 1 and 3 of Liu, Wang, Owens & Li, "Energy-based Out-of-distribution
-  Detection" (NeurIPS 2020). Scores are ebood's OOD scores (higher = more OOD), so ID sits on the left.
+* :func:`detector_figure`: for one model and detector, a ROC panel (all OOD sets) beside one panel of
+  histograms, a row per OOD set the model was evaluated on: ID against the set's scores and the
+  threshold that keeps ``tpr`` of the positive class, as in Figures 1 and 3 of Liu, Wang, Owens & Li,
+  "Energy-based Out-of-distribution Detection" (NeurIPS 2020), with the set's FPR and AUROC beside
+  the row. Scores are ebood's OOD scores (higher = more OOD), so ID sits on the left; a log bar
+  scale or the score's rank among ID scores are options (:data:`HISTOGRAM_AXES`).
 * :func:`overview_figure`: every model / detector pair, ranked by its mean FPR, with the near- and
   far-OOD means of FPR and AUROC side by side.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot state), rendered at a
-modest dpi and quantised to a 256-colour palette, which keeps a report of ~30 figures within a few MB.
+modest dpi and quantised to a 64-colour palette, which keeps a report of ~30 figures near 1 MB.
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI)
 
 
-def png_data_uri(fig, *, colors: int = 32) -> str:
+def png_data_uri(fig, *, colors: int = 64) -> str:
     """``data:image/png;base64,...`` of ``fig``, quantised to a ``colors`` palette: a few flat colours
-    and the grey ramp of anti-aliased text look the same with 32 as with 16 million, at 1/4 of the size."""
+    and the grey ramp of anti-aliased text look the same with 64 as with 16 million, at 1/4 of the size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
@@ -87,10 +89,11 @@ def png_data_uri(fig, *, colors: int = 32) -> str:
     return _png_uri(np.asarray(canvas.buffer_rgba()), colors)
 
 
-def _png_uri(rgba: np.ndarray, colors: int = 32) -> str:
+def _png_uri(rgba: np.ndarray, colors: int = 64) -> str:
     from PIL import Image
 
-    image = Image.fromarray(rgba[..., :3]).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    # Octree is 3x faster than median cut here and keeps the set colours apart at 64
+    image = Image.fromarray(rgba[..., :3]).quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6)  # 9 is 5x slower for 5% less
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -385,7 +388,13 @@ def overview_figure(
     y = np.arange(n)[::-1]
     labels = [(detector_labels or {}).get(d, d) for d in detectors]
     with matplotlib.rc_context(_STYLE):
-        fig = Figure_constrained(min(2.0 + 2.6 * len(panels), 13.0), 1.0 + 0.22 * n + 0.5)
+        # fixed margins (room for the longest detector name), not a layout engine: constrained layout
+        # measured every tick label again and took most of the report's time for two figures
+        left = 0.25 + 0.068 * max((len(x) for x in labels), default=4)
+        width, height = min(left + 0.2 + 2.45 * len(panels), 13.0), 1.0 + 0.22 * n + 0.45
+        fig = _figure(width, height)
+        fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, top=1 - 1.0 / height, bottom=0.45 / height,
+                            wspace=0.25 / (2.45 - 0.25))
         axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
         for ax, (title, metric, values) in zip(axes, panels):
             stacked = 100 * np.vstack([np.asarray(values[m], dtype=np.float64) for m in models])
@@ -405,7 +414,7 @@ def overview_figure(
             ax.tick_params(axis="y", length=0)
         axes[0].set_yticks(y, labels)
         handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside upper center", ncols=min(len(models), 6), fontsize=10)
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(models), 6), fontsize=10)
         return png_data_uri(fig)
 
 
@@ -418,9 +427,3 @@ def _percent_range(values: np.ndarray, metric: str) -> tuple[float, float]:
     if metric == "fpr95":
         return 0.0, float(min(100.0, max(10.0, 10 * math.ceil(finite.max() / 10))))
     return float(max(0.0, min(90.0, 10 * math.floor(finite.min() / 10)))), 100.0
-
-
-def Figure_constrained(width: float, height: float):  # noqa: N802 - a constructor
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
