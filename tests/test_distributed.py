@@ -515,7 +515,7 @@ def test_cli_fit_and_score_on_ray(train_dir, test_dir, tmp_path):
     r = run_cli("fit", "knn", str(train_dir), "-o", str(tmp_path / "knn.safetensors"), "-p", "k=5", "--ray", "local")
     assert r.exit_code == 0, r.output
     np.testing.assert_allclose(scores_of(ebood.load(tmp_path / "knn.safetensors")), scores_of(single("knn")), rtol=1e-12)
-    r = run_cli("score", str(test_dir), "-o", str(tmp_path / "s"), "-d", str(tmp_path / "vim.safetensors"), "--head", str(tmp_path / "head.npz"), "--ray", "local")
+    r = run_cli("score", str(test_dir), "-o", str(tmp_path / "s"), "--detector", str(tmp_path / "vim.safetensors"), "--head", str(tmp_path / "head.npz"), "--ray", "local")
     assert r.exit_code == 0, r.output
     table = read_dir(tmp_path / "s")
     assert table.column_names == ["id", "labels", "vim"]

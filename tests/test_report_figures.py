@@ -168,6 +168,6 @@ def test_bad_histogram_axis_is_refused(with_openset, tmp_path):
         write_report(root, histogram_axis="sqrt")
     load_commands()
     res = CliRunner().invoke(app, ["report", str(root), "--histogram-axis", "sqrt"])
-    assert res.exit_code != 0 and "--histogram-axis must be one of" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "--histogram-axis must be" in res.output and "rank" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["report", str(root), "--histogram-axis", "rank"])
     assert res.exit_code == 0, res.output

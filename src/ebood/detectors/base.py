@@ -35,6 +35,11 @@ _REGISTRY: dict[str, type["Detector"]] = {}
 STATE_FORMAT = "ebood.detector"
 
 
+def _is_array(data: Any) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for the check)."""
+    return isinstance(data, torch.Tensor) or type(data).__module__ == "numpy" and type(data).__name__ == "ndarray"
+
+
 class NotFittedError(RuntimeError):
     """Raised when a detector that needs fitting is used before ``fit``."""
 
@@ -123,9 +128,28 @@ class Detector:
     def is_fitted(self) -> bool:
         return not self.needs_fit or bool(getattr(self, "_fitted", False))
 
+    def _as_outputs(self, data: Any, fields: Iterable[str], action: str) -> Any:
+        """``data`` itself, or a bare tensor / array wrapped as the one field the detector needs.
+
+        A bare tensor is unambiguous only when ``action`` needs exactly one field, logits or
+        features: ``energy.score(logits)``, ``knn.fit(features)``. Anything else is returned as
+        given, for :meth:`_check_fields` to judge.
+        """
+        if not _is_array(data):
+            return data
+        fields = tuple(dict.fromkeys(fields))
+        if len(fields) == 1 and fields[0] in ("logits", "features"):
+            return Outputs(**{fields[0]: data})
+        raise TypeError(
+            f"detector {self.name!r} needs {' and '.join('Outputs.' + f for f in fields)} to {action}; a bare "
+            f"{type(data).__name__} is accepted only by detectors that need logits alone or features alone: "
+            f"give ebood.Outputs({', '.join(f'{f}=...' for f in fields)})"
+        )
+
     def _check_fields(self, outputs: Outputs, fields: Iterable[str], action: str) -> None:
         if not isinstance(outputs, Outputs):
-            raise TypeError(f"{self.name}.{action} expects ebood.Outputs, got {type(outputs).__name__}")
+            raise TypeError(f"{self.name}.{action} expects ebood.Outputs (or, for a detector that needs one input "
+                            f"kind, a tensor of it), got {type(outputs).__name__}")
         for f in fields:
             if not outputs.has(f):
                 raise MissingFieldError(
@@ -137,8 +161,13 @@ class Detector:
             raise NotFittedError(f"detector {self.name!r} is not fitted: call fit() (or partial_fit()) first")
 
     # ----- fitting ---------------------------------------------------------------------------
-    def fit(self, data: Outputs | Iterable[Outputs]) -> "Detector":
-        """Learn from in-distribution (training) outputs, or from an iterable of batches of them."""
+    def fit(self, data: Outputs | Iterable[Outputs] | torch.Tensor) -> "Detector":
+        """Learn from in-distribution (training) outputs, or from an iterable of batches of them.
+
+        A detector that needs one input kind to fit (logits alone or features alone) also takes
+        that tensor directly: ``create("knn").fit(train_features)``.
+        """
+        data = self._as_outputs(data, self.requires + self.fit_requires, "fit")
         batches = [data] if isinstance(data, Outputs) else data
         if self.streaming:
             self._reset()
@@ -162,10 +191,11 @@ class Detector:
         self._fitted = True
         return self
 
-    def partial_fit(self, batch: Outputs) -> "Detector":
+    def partial_fit(self, batch: Outputs | torch.Tensor) -> "Detector":
         """Add one batch to the fit (streaming detectors only). Scores use all batches seen so far."""
         if not self.streaming:
             raise TypeError(f"detector {self.name!r} cannot be fitted batch by batch; call fit() with all data (or an iterable of batches)")
+        batch = self._as_outputs(batch, self.requires + self.fit_requires, "fit")
         self._check_fields(batch, self.requires + self.fit_requires, "fit")
         if not getattr(self, "_started", False):
             self._reset()
@@ -225,14 +255,19 @@ class Detector:
         """Check the shapes of loaded state (raise ValueError naming the mismatch)."""
 
     # ----- scoring ---------------------------------------------------------------------------
-    def score(self, outputs: Outputs) -> torch.Tensor:
-        """One OOD score per sample (higher = more OOD), a 1-D tensor."""
+    def score(self, outputs: Outputs | torch.Tensor) -> torch.Tensor:
+        """One OOD score per sample (higher = more OOD), a 1-D tensor.
+
+        ``outputs`` is an :class:`~ebood.Outputs`, or, for a detector that scores one input kind
+        (logits alone or features alone), that (N, C) / (N, D) tensor: ``create("energy").score(logits)``.
+        """
+        outputs = self._as_outputs(outputs, self.requires, "score")
         self._check_fields(outputs, self.requires, "score")
         self._check_fitted()
         self._ensure_final()
         return self._score(outputs)
 
-    def calibrate(self, id_outputs: Outputs, tpr: float = 0.95) -> "Detector":
+    def calibrate(self, id_outputs: Outputs | torch.Tensor, tpr: float = 0.95) -> "Detector":
         """Set ``threshold_``: the smallest score at which at least ``tpr`` of ID samples are kept."""
         scores = self.score(id_outputs)
         finite = torch.isfinite(scores)
@@ -242,7 +277,7 @@ class Detector:
         self.calibration_tpr_ = float(tpr)
         return self
 
-    def predict(self, outputs: Outputs) -> torch.Tensor:
+    def predict(self, outputs: Outputs | torch.Tensor) -> torch.Tensor:
         """A bool tensor, True where a sample is flagged as OOD (``score > threshold_``)."""
         if self.threshold_ is None:
             raise NotFittedError(f"detector {self.name!r} has no threshold: call calibrate() on ID validation outputs first")
