@@ -26,7 +26,7 @@ from ebood import detectors, metrics  # noqa: E402
 
 dist = pytest.importorskip("ebood.distributed")
 
-STREAMING = ["dice", "fdbd", "kl_matching", "knn", "mahalanobis", "nnguide", "relative_mahalanobis", "residual", "she", "vim"]
+STREAMING = ["dice", "fdbd", "kl_matching", "knn", "mahalanobis", "nnguide", "relative_mahalanobis", "relu", "residual", "she", "vim"]
 SMALL = {"vim": {"dim": 4}, "residual": {"dim": 4}, "knn": {"k": 5}, "nnguide": {"k": 7}}
 N_FILES, ROWS, D, C = 5, 120, 8, 4
 

@@ -107,7 +107,7 @@ def _print_table(results: dict) -> None:
     not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report.terminal import fit_results, summary_notes
+    from ..report.terminal import failure_results_table, fit_results, natural_width, summary_notes
 
     console = Console()
     if not console.is_terminal:
@@ -116,6 +116,11 @@ def _print_table(results: dict) -> None:
     console.print(renderable)
     if layout != "per-set":
         console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
+    failure = failure_results_table(results)
+    if failure is not None and natural_width(failure) <= console.width:  # never a cut number
+        console.print(failure)
+    elif failure is not None:
+        console.print(f"[dim]failure-detection table left out at {console.width} columns: see report.html[/]")
     for note in summary_notes(results):
         console.print(note, markup=False, highlight=False)
 

@@ -165,32 +165,99 @@ def _read_scores(path: Path, key: Optional[str], default_key: Optional[str] = No
     return as_scores_1d(a, f"{path}: the score array")  # names the file with NaN / empty scores
 
 
+def _read_correct(correct: Optional[Path], logits: Optional[Path], labels: Optional[Path], n: int) -> Optional[np.ndarray]:
+    """Whether each ID prediction was right: from --correct, or argmax(--logits) == --labels."""
+    from .. import io
+    from .._arrays import as_correct
+
+    if correct is not None and (logits is not None or labels is not None):
+        fail("give either --correct or --logits (with --labels), not both")
+    if correct is not None:
+        flags = io.read_array(correct)
+        try:
+            return as_correct(flags.reshape(-1) if flags.ndim == 2 and 1 in flags.shape else flags, n, f"{correct}: correct")
+        except (ValueError, TypeError) as exc:
+            fail(f"{exc} (one flag per --id score)")
+    if logits is None:
+        if labels is not None:
+            fail("--labels needs --logits")
+        return None
+    arrays = io.read_arrays(logits)
+    z = arrays["logits"] if "logits" in arrays else io.read_array(logits)
+    if labels is not None:
+        y = io.read_array(labels, "labels" if "labels" in io.read_arrays(labels) else None)
+    elif "labels" in arrays:
+        y = arrays["labels"]
+    else:
+        fail(f"{logits} holds no 'labels' array: give the labels with --labels FILE")
+    if z.ndim != 2 or y.ndim != 1 or z.shape[0] != y.shape[0] or z.shape[0] != n:
+        fail(f"--logits must be (N, C) and --labels (N,) with N = {n} (the --id scores), got {tuple(z.shape)} and {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        fail(f"labels must be integer class indices, got dtype {y.dtype}")
+    return z.argmax(axis=1) == y
+
+
+def _failure_rows(id_a: np.ndarray, ok: np.ndarray, oods: dict[str, np.ndarray], tpr: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    from .. import metrics
+
+    mis = dict(metrics.misclassification(id_a, ok, tpr=tpr), aurc=metrics.aurc(id_a, ok), e_aurc=metrics.e_aurc(id_a, ok), accuracy=float(ok.mean()))
+    fail_rows = {}
+    for name, o in oods.items():
+        pooled_ok = np.r_[ok, np.zeros(o.size, dtype=bool)]
+        fail_rows[name] = dict(metrics.failure(id_a, ok, o, tpr=tpr), e_aurc=metrics.e_aurc(np.r_[id_a, o], pooled_ok))
+    return mis, fail_rows
+
+
 @command("evaluate")
 def evaluate_command(
     id_scores: str = typer.Option(..., "--id", help="Scores of in-distribution test samples: FILE or FILE:KEY."),
-    ood: list[str] = typer.Option(..., "--ood", help="Scores of an OOD set: FILE, NAME=FILE or NAME=FILE:KEY (repeatable)."),
+    ood: Optional[list[str]] = typer.Option(None, "--ood", help="Scores of an OOD set: FILE, NAME=FILE or NAME=FILE:KEY (repeatable)."),
     key: Optional[str] = typer.Option(None, "--key", help="The array to read from files of named arrays (.npz, .safetensors, ...), e.g. energy; "
                                       "a .npy file is read as it is, and FILE:KEY chooses per file."),
     tpr: float = typer.Option(0.95, "--tpr", help="True positive rate for the FPR column."),
     positive: str = typer.Option("id", "--positive", help="Positive class of the FPR: " + one_of(POSITIVE_CLASSES) + " (id: the energy paper's; ood: OpenOOD's)."),
+    correct: Optional[Path] = typer.Option(None, "--correct", help=(
+        "Whether each ID prediction was right (bool or 0/1, one per --id score): adds misclassification detection, "
+        "AURC / E-AURC and, with --ood, failure detection with OOD samples counted as failures.")),
+    logits: Optional[Path] = typer.Option(None, "--logits", help="Instead of --correct: the ID logits (N, C); right = argmax == label."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --logits: the ID labels (N,), unless the logits file holds a 'labels' array."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (fractions) instead of a table."),
 ) -> None:
-    """Metrics (FPR@TPR, AUROC, AUPR-In, AUPR-Out) of ID vs each OOD set, and their mean."""
+    """Metrics (FPR@TPR, AUROC, AUPR-In, AUPR-Out) of ID vs each OOD set, and their mean; with
+    --correct (or --logits and --labels) also misclassification / failure detection and AURC."""
     from .. import metrics
-    from ..tables import metrics_table, print_table
+    from ..tables import failure_table, metrics_table, print_table
 
     check_choice(positive, POSITIVE_CLASSES, "--positive")
     if not 0.0 < tpr <= 1.0:
         fail(f"--tpr must be in (0, 1], got {tpr!r}")
     id_a = _read_scores(*split_key(id_scores), key)
-    rows = {}
-    for name, (path, file_key) in _parse_ood(ood).items():
-        try:
-            rows[name] = metrics.evaluate(id_a, _read_scores(path, file_key, key), tpr=tpr, positive=positive)
-        except ValueError as exc:
-            fail(f"{path}: {exc}")
-    mean = {m: float(np.mean([r[m] for r in rows.values()])) for m in metrics.METRIC_NAMES}
+    ok = _read_correct(correct, logits, labels, id_a.size)
+    if not ood and ok is None:
+        fail("nothing to evaluate: give --ood FILE (OOD detection) and/or --correct FILE or --logits FILE (failure detection)")
+    oods = {name: (path, _read_scores(path, file_key, key)) for name, (path, file_key) in _parse_ood(ood or []).items()}
+    report: dict = {"tpr": tpr}
+    if oods:
+        rows = {}
+        for name, (path, o) in oods.items():
+            try:
+                rows[name] = metrics.evaluate(id_a, o, tpr=tpr, positive=positive)
+            except ValueError as exc:
+                fail(f"{path}: {exc}")
+        mean = {m: float(np.mean([r[m] for r in rows.values()])) for m in metrics.METRIC_NAMES}
+        report.update(positive=positive, sets=rows, mean=mean)
+    if ok is not None:
+        mis, fail_rows = _failure_rows(id_a, ok, {name: o for name, (_, o) in oods.items()}, tpr)
+        report["misclassification"] = mis
+        if fail_rows:
+            report["failure"] = fail_rows
     if as_json:
-        typer.echo(json.dumps({"tpr": tpr, "positive": positive, "sets": rows, "mean": mean}, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
-    print_table(metrics_table(rows, mean, tpr=tpr, positive=positive))
+    if oods:
+        print_table(metrics_table(report["sets"], report["mean"], tpr=tpr, positive=positive))
+    if ok is not None:
+        tasks = {"misclassification (ID)": report["misclassification"]}
+        tasks.update({f"failure (ID + {name})": r for name, r in report.get("failure", {}).items()})
+        title = f"failure detection: correct predictions kept (ID accuracy {100 * report['misclassification']['accuracy']:.2f}%)"
+        print_table(failure_table(tasks, title=title))
