@@ -90,3 +90,18 @@ def test_open_set_and_covariate_sets():
     np.testing.assert_array_equal(shift.labels.numpy(), bm.test.labels.numpy()[shift.meta["index"]])
     assert bm.groups == {"mnist-like": "near", "notmnist-like": "near", "photos": "far", "gaussian": "far",
                          "uniform": "far", "rademacher": "far"}
+
+
+def test_array_dataset_batches_are_slices_equal_to_per_sample_collation():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ebood.data.datasets import ArrayDataset
+    from ebood.extraction import as_loader
+
+    x, y = torch.rand(70, 1, 5, 5), torch.arange(70) % 7
+    fast = list(as_loader(ArrayDataset(x, y, name="a"), 32))
+    slow = list(DataLoader(TensorDataset(x, y), batch_size=32))
+    assert [len(b[0]) for b in fast] == [32, 32, 6]
+    for (xf, yf), (xs, ys) in zip(fast, slow):
+        assert torch.equal(xf, xs) and torch.equal(yf, ys) and yf.dtype == ys.dtype
+    assert ArrayDataset(x, y, name="a")[3][1] == 3  # a single index still gives (input, int label)

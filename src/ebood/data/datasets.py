@@ -139,7 +139,14 @@ class ArrayDataset(_Base):
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    #: ``self[indices]`` with a list / tensor of indices returns a whole batch ``(inputs, labels)``: data loaders
+    #: slice the tensors instead of stacking one sample at a time (see ``ebood.extraction.as_loader``).
+    batch_indexing = True
+
+    def __getitem__(self, index: int | list[int] | torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if isinstance(index, (list, torch.Tensor, np.ndarray)):
+            idx = torch.as_tensor(index, dtype=torch.int64)
+            return self.inputs[idx], self.labels[idx]
         return self.inputs[index], int(self.labels[index])
 
     def subset(self, indices: np.ndarray | torch.Tensor | list[int], *, name: str | None = None,
