@@ -5,7 +5,7 @@ covariance whose eigenvalues span two decades, class means offset from the origi
 features), a head ``W`` from the class means, ``logits = x W^T + b``; N_train training samples
 and N_test test samples (half ID, half OOD: a shifted and wider Gaussian).
 
-For every detector of ``detectors/feature.py`` the baseline re-implements the peer's way from its
+For every detector of ``detectors/feature/`` the baseline re-implements the peer's way from its
 published formulas (pytorch-ood 0.4.0 where it has the method, else OpenOOD v1.5 / the official
 code): per-class loops for Mahalanobis / RMD (one (N, D) x (D, D) product per class), numpy +
 sklearn ``EmpiricalCovariance`` + ``np.linalg.eig`` for ViM / Residual, sklearn

@@ -1,4 +1,4 @@
-"""Feature-based detectors (detectors/feature.py) against independent float64 implementations of
+"""Feature-based detectors (detectors/feature/) against independent float64 implementations of
 their papers' formulas (numpy / scikit-learn), hand-worked examples with the sign convention,
 streaming and merged fits, saved state, and degenerate data."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from ebood import metrics
 
@@ -488,3 +488,20 @@ def test_report_in_headless_chromium(rendered, tmp_path):
         assert img["complete"] and img["natural"] > 300, img
         assert img["visible"] and img["w"] > 300 and img["h"] > 100, img
         assert img["ink"] > 0.01, img
+
+
+def test_a_constant_detector_gets_a_diagonal_roc(tmp_path):
+    from sklearn.metrics import roc_curve
+
+    from ebood.report import write_report
+    from ebood.report.figures import _roc_points
+
+    for positive in ("id", "ood"):
+        fpr, tpr = _roc_points(np.full(50, 2.0), np.full(30, 2.0), positive)
+        ref_fpr, ref_tpr, _ = roc_curve(np.r_[np.zeros(50), np.ones(30)], np.full(80, 2.0))
+        assert fpr.tolist() == ref_fpr.tolist() == [0.0, 1.0] and tpr.tolist() == ref_tpr.tolist() == [0.0, 1.0]
+    make_results_dir(tmp_path, models=("pretrained",), detectors=("energy",), sets=SETS[:2])
+    scores = {k: np.full(v.shape, -3.0, np.float32) for k, v in load_file(str(tmp_path / "scores.safetensors")).items()}
+    save_file(scores, str(tmp_path / "scores.safetensors"))
+    page = _parse(write_report(tmp_path, figures="all"))
+    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
+from .io import FileWriteError
 from .outputs import Head, Outputs
 from .state import StateError, load_state, save_state
 
@@ -581,11 +582,24 @@ def _read_cache(path: Path, key: str) -> Outputs | None:
         return None
 
 
+_UNWRITABLE_CACHES: set[Path] = set()
+
+
 def _write_cache(path: Path, key: str, out: Outputs, describe: dict[str, Any]) -> None:
+    """Store ``out`` under ``path``. Concurrent writers of one entry each write a file of their own
+    and rename it into place (the last rename wins; all hold the same outputs). A cache that cannot
+    be written is only an optimisation lost: one warning per folder, and the outputs are returned."""
     order = list(out.features) if isinstance(out.features, dict) else None
     header = {"format": CACHE_FORMAT, "key": key, "n": len(out), "feature_layers": order, **describe}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_state(path, _outputs_to_tensors(out, order), header)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(path, _outputs_to_tensors(out, order), header)
+    except OSError as exc:
+        folder = path.parent.absolute()
+        if folder not in _UNWRITABLE_CACHES:
+            _UNWRITABLE_CACHES.add(folder)
+            reason = str(exc) if isinstance(exc, FileWriteError) else f"{folder}: {exc.strerror or exc}"
+            warnings.warn(f"extraction cache not written, the outputs are returned uncached: {reason}", RuntimeWarning, stacklevel=3)
 
 
 # ----- progress ----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .io import atomic_write_bytes
+
 __all__ = ["StateError", "save_state", "load_state", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -38,7 +40,9 @@ def _digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
-    """Write ``tensors`` and the JSON-able ``header`` to ``path`` (atomically: temp file + rename)."""
+    """Write ``tensors`` and the JSON-able ``header`` to ``path`` atomically (:func:`ebood.io.atomic_path`:
+    a unique temporary file, then a rename; a failure raises :class:`ebood.io.FileWriteError` and
+    leaves what was there before)."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     body = dict(header, format_version=FORMAT_VERSION)
@@ -47,11 +51,7 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[
         meta = {"ebood": json.dumps(doc, sort_keys=True, allow_nan=True)}
     except TypeError as exc:
         raise TypeError(f"state header is not JSON-serialisable: {exc}") from exc
-    data = st_save(tensors, metadata=meta)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
 
 def _read_header(data: bytes, path: Path) -> dict[str, Any]:

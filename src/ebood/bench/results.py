@@ -12,14 +12,16 @@ import datetime as _dt
 import json
 import platform
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .. import __version__
+from ..io import FileWriteError, atomic_write_bytes, atomic_write_text
 
 __all__ = ["BenchResult", "ROW_FIELDS", "versions"]
 
@@ -95,11 +97,17 @@ class BenchResult:
     def save(self, out_dir: str | Path) -> Path:
         """Write results.json, results.csv and scores.safetensors into ``out_dir``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}, str(out / "scores.safetensors"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FileWriteError(exc.errno or 0, f"{out}: cannot create the results directory: {exc.strerror or exc}") from None
+        # scores first, results.json last: a directory with results.json is complete
+        scores = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}
+        atomic_write_bytes(out / "scores.safetensors", save(scores))
+        table = StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(out / "results.csv", table.getvalue())
+        atomic_write_text(out / "results.json", json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
         return out

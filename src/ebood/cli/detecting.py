@@ -117,7 +117,10 @@ def fit_command(
     """Fit a detector on in-distribution training outputs and save it for `ebood score --detector`."""
     from ..detectors import MissingFieldError, create
 
+    from ..io import check_writable
+
     det = create(detector, **parse_params(param or []))
+    check_writable(output)  # before the fit, which can take long
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -96,6 +96,7 @@ def extract_command(
 
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         fail(f"{output}: write the outputs to {', '.join(OUTPUT_SUFFIXES)} (they hold several named arrays)")
+    io.check_writable(output)
     kwargs = parse_params(model_arg or [])
     net = load_model(model, checkpoint, **kwargs)
     dataset = open_data(data, root)

@@ -58,6 +58,8 @@ def score_command(
 
     if detector is None and (head is not None or predict):
         fail("--head and --predict need --detector FILE")
+    if ray_address is None:
+        io.check_writable(output)
     if ray_address is not None:
         _score_on_ray(input_file, output, score, temperature, detector, head, predict, ray_address, overwrite)
         return
@@ -72,12 +74,10 @@ def score_command(
     else:
         if score != "all" and score not in LOGIT_SCORES:
             fail(f"unknown score {score!r}; choose one of {', '.join(LOGIT_SCORES)}, all (or --detector FILE)")
-        arrays_in = io.read_arrays(input_file)
-        logits = arrays_in["logits"] if "logits" in arrays_in else io.read_array(input_file)
+        arrays_in = io.read_arrays(input_file)  # once: a .npy input is memory-mapped, not copied
+        logits = io.choose_array(arrays_in, input_file, "logits" if "logits" in arrays_in else None)
         result = scores.logit_scores(logits, temperature)
         arrays = {k: result[k] for k in (list(LOGIT_SCORES) + ["prediction"] if score == "all" else [score])}
-    if output.suffix.lower() in (".npy", ".csv") and len(arrays) > 1:
-        fail(f"{output}: {' and '.join(arrays)} are several arrays; write them to .npz, .parquet, .safetensors or .pt")
     io.write_arrays(output, {k: v.cpu() for k, v in arrays.items()})
     n = next(iter(arrays.values())).numel()
     typer.echo(f"wrote {', '.join(arrays)} for {n} samples to {output}")
@@ -103,7 +103,7 @@ def _read_scores(path: Path, key: Optional[str]) -> np.ndarray:
     arrays = io.read_arrays(path)
     if key is None and len(arrays) > 1:
         fail(f"{path} holds several arrays ({', '.join(arrays)}); choose the scores with --key NAME")
-    a = io.read_array(path, key)
+    a = io.choose_array(arrays, path, key)
     if a.dtype.kind not in "fiu":
         fail(f"{path}: scores must be numbers, got dtype {a.dtype}")
     if a.ndim == 2 and 1 in a.shape:

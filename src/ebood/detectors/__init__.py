@@ -1,8 +1,8 @@
 """OOD detectors behind one API: ``create(name, **hyperparameters)``, ``fit``, ``score``.
 
-One file per family: ``logit`` (logits only), ``feature`` (penultimate features), ``shaping``
-(activation shaping, re-applying the head) and ``model`` (detectors that need the model itself).
-A new detector is one class in one of these files, decorated with ``@register``.
+Grouped by family: ``logit`` (logits only), ``feature`` (penultimate features: a package with one
+module per detector), ``shaping`` (activation shaping, re-applying the head) and ``model``
+(detectors that need the model itself). A new detector is one class, decorated with ``@register``.
 """
 
 from .base import Detector, MissingFieldError, NotFittedError, available, create, get, load, register

@@ -1,4 +1,4 @@
-"""Linear-algebra kernels shared by the feature-based detectors (``detectors/feature.py``).
+"""Linear-algebra kernels shared by the feature-based detectors (``detectors/feature/``).
 
 * Streaming class-conditional moments (counts, means, within-class scatter) in float64, combined
   batch by batch and across workers with the pairwise update of Chan, Golub & LeVeque (1979), so

@@ -168,8 +168,9 @@ def _roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, positive: str) ->
     last_of_tie = np.r_[ranked[1:] != ranked[:-1], True]  # ties are one operating point
     tp = np.cumsum(is_pos[order])[last_of_tie]
     fp = np.cumsum(1.0 - is_pos[order])[last_of_tie]
-    # Bends are found on the integer counts, where "on a straight line" is exact.
-    bend = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+    # Bends are found on the integer counts, where "on a straight line" is exact. One distinct score
+    # (a constant detector) is one operating point: the diagonal from (0, 0) to (1, 1).
+    bend = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True][-fp.size:]
     return np.r_[0.0, fp[bend] / neg.size], np.r_[0.0, tp[bend] / pos.size]
 
 

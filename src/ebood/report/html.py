@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from ..io import FileWriteError, atomic_write_text
 from ..metrics import METRIC_NAMES
 from ..tables import best_mask, metric_label, percent
 from . import figures as plots
@@ -497,9 +498,9 @@ def write_report(results_dir: str | Path, *, figures: Literal["auto", "all", "no
     page = render_report(results, figures_mode=figures, workers=workers)
     path = results.directory / REPORT_FILE
     try:
-        path.write_text(page, encoding="utf-8")
+        atomic_write_text(path, page)
     except OSError as exc:
-        raise ReportError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+        raise ReportError(str(exc) if isinstance(exc, FileWriteError) else f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path
 
 

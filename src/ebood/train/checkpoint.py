@@ -11,20 +11,25 @@ A checkpoint is a folder ``<checkpoint_dir>/epoch-NNN`` holding
 * ``training.json``: the same run description in readable form: settings, epoch, step and the
   per-epoch metrics.
 
-Each folder is written under a temporary name and renamed when complete, so an interruption
-while saving leaves the previous checkpoint as it was.
+Each folder is written under a temporary name of its own and renamed when complete, so an
+interruption while saving leaves the previous checkpoint as it was, and two runs saving into
+one folder never write into the same partial folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io import FileWriteError, atomic_write_text
 from ..state import StateError, load_state, save_state
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
@@ -107,26 +112,56 @@ def save_checkpoint(folder: str | Path, epoch: int, model: torch.nn.Module, opti
                     scheduler_state: dict[str, Any], rng: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write ``<folder>/epoch-NNN`` atomically (temporary folder, then rename) and return its path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"epoch-{epoch:03d}"
-    tmp = folder / f".epoch-{epoch:03d}.partial"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = _new_partial_folder(folder, epoch)
+    except OSError as exc:
+        raise FileWriteError(exc.errno or 0, f"{folder}: cannot write a checkpoint: {exc.strerror or exc}") from None
+    final = folder / f"epoch-{epoch:03d}"
+    try:
         save_weights(model, tmp / MODEL_FILE, {"training": info})
         opt_tensors, groups = optimizer_to_state(optimizer)
         save_state(tmp / OPTIMIZER_FILE, {**opt_tensors, **_rng_tensors(rng)},
                    {"format": OPTIMIZER_FORMAT, "param_groups": groups, "scheduler": scheduler_state,
                     "epoch": epoch, "step": info["step"]})
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, allow_nan=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, sort_keys=True, allow_nan=True) + "\n")
+        _replace_folder(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _new_partial_folder(folder: Path, epoch: int) -> Path:
+    """A new folder, unique to this writer (two runs saving into one folder never share one),
+    with the usual mode (0777 minus the umask; ``tempfile.mkdtemp`` would give 0700)."""
+    while True:
+        tmp = folder / f".epoch-{epoch:03d}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``. An existing ``final`` is moved aside first
+    and removed after, so that ``final`` is never a partial checkpoint; when another writer puts
+    its own ``final`` in place in between, that one (as complete as ours) is kept."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{tmp.name}.old")
+        try:
+            final.rename(old)
+        except FileNotFoundError:  # another writer moved it first
+            old = None
+    try:
+        tmp.rename(final)
+    except OSError as exc:
+        if not (exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and (final / MODEL_FILE).is_file()):
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
