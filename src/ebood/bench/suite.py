@@ -160,7 +160,8 @@ def standard_models(id_train: Any, auxiliary: Any, preset: FinetunePreset, model
     loss and with Outlier Exposure on the auxiliary outliers (``finetune_data``: the ID data of fine-tuning,
     default ``id_train``)."""
     models = [ModelSpec("pretrained", f"{model_name} trained with cross-entropy on the {id_description} training split",
-                        lambda m, _: pretrain(id_train, preset, seed, progress, augment)(m), key=(asdict(preset),))]
+                        lambda m, _: pretrain(id_train, preset, seed, progress, augment)(m),
+                        key=(asdict(preset.pretrain) if preset.pretrain else None, augment.config() if augment else None))]
     if not finetuned:
         return tuple(models)
     e, o = preset.energy, preset.oe
@@ -179,7 +180,8 @@ def standard_models(id_train: Any, auxiliary: Any, preset: FinetunePreset, model
 
         size = "" if finetune_data is None else f" ({len(ft_data)} ID images)"
         models.append(ModelSpec(name, f"fine-tuned{size} with {what} on the auxiliary outliers", run,
-                                key=(getattr(auxiliary, "fingerprint", None), getattr(ft_data, "fingerprint", None)),
+                                key=({k: v for k, v in asdict(preset).items() if k != "pretrain"}, augment.config() if augment else None,
+                                     getattr(auxiliary, "fingerprint", None), getattr(ft_data, "fingerprint", None)),
                                 needs=("pretrained",), detectors=FINETUNED_DETECTORS))
     return tuple(models)
 
@@ -228,7 +230,8 @@ def _evaluate_open_set(suite: Suite, seed: int, cache: Path, detectors: Sequence
                        progress: bool, log: Callable[[str], None]) -> None:
     split = suite.open_set
     assert split is not None
-    key = cache_key("openset", split.train.fingerprint, asdict(suite.preset), seed)
+    recipe = asdict(suite.preset.pretrain) if suite.preset.pretrain else None
+    key = cache_key("openset", split.train.fingerprint, recipe, suite.augment.config() if suite.augment else None, seed)
     model, secs = cached_model(cache, key, lambda: suite.build(split.num_classes), pretrain(split.train, suite.preset, seed, progress, suite.augment),
                                log, f"open-set {suite.model_name}", seed=seed)
     result.timings["training"] += secs
