@@ -20,7 +20,7 @@ import torch
 
 from ..data.fashion_bench import CLASSES, KNOWN_CLASSES, fashion_mnist_benchmark
 from ..models import FashionCNN
-from ..train import RandomCropFlip, get_preset
+from ..train import get_preset
 from .config import DetectorSpec
 from .results import BenchResult
 from .suite import OpenSet, Suite, default_cache_dir, run_suite, standard_models, torch_threads
@@ -65,19 +65,18 @@ def run_fashion_mnist(
         bm = fashion_mnist_benchmark(seed, root)
         log(f"data: {len(bm.train)} train / {len(bm.val)} val / {len(bm.test)} test Fashion-MNIST images, {len(bm.ood)} OOD sets, "
             f"{len(bm.covariate)} covariate-shift sets, {len(bm.auxiliary)} auxiliary outliers ({time.perf_counter() - t0:.1f} s)")
-        augment = RandomCropFlip(padding=0, flip=True)
         split = bm.open_set
         unseen = ", ".join(CLASSES[KNOWN_CLASSES:])
         suite = Suite(
             name="fashion-mnist", data=bm, preset=preset, build=lambda k: FashionCNN(num_classes=k), model_name="FashionCNN",
-            id_description="Fashion-MNIST (28x28)", augment=augment,
+            id_description="Fashion-MNIST (28x28)",
             models=standard_models(bm.train, bm.auxiliary, preset, "FashionCNN", "Fashion-MNIST", seed, progress, finetuned,
-                                   finetune_data=_finetune_subset(bm.train, seed), augment=augment),
+                                   finetune_data=_finetune_subset(bm.train, seed)),
             open_set=OpenSet(split["train"], split["val"], split["test"], split["ood"], "open-set",
                              f"Fashion-MNIST test images of classes {KNOWN_CLASSES}-9 ({unseen}), unseen by the open-set model",
                              f"FashionCNN trained on classes 0-{KNOWN_CLASSES - 1} only ({', '.join(CLASSES[:KNOWN_CLASSES])})",
                              KNOWN_CLASSES) if open_set else None,
-            config={"finetune_size": FINETUNE_SIZE, "augment": augment.config()},
+            config={"finetune_size": FINETUNE_SIZE},
         )
         return run_suite(suite, seed=seed, cache=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                          detectors=detectors, progress=progress, log=log, started=t0)

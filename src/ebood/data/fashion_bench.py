@@ -13,7 +13,7 @@
   test images of classes 6-9 (Shirt, Sneaker, Bag, Ankle boot).
 * **Far-OOD** -- ``photos``: grey crops of scikit-learn's ``china.jpg``; ``gaussian``, ``uniform``,
   ``rademacher``: Outlier Exposure's synthetic sets (Hendrycks et al., ICLR 2019) at 1x28x28.
-* **Covariate shift** (reported apart from the means) -- ``corrupt-1``..``corrupt-3``: the same 2,000
+* **Covariate shift** (reported apart from the means) -- ``corrupt-1``..``corrupt-3``: the same 1,000
   test images under rotation, Gaussian blur, contrast loss and Gaussian noise (a quarter each) at
   increasing severity, in the spirit of MNIST-C (Mu & Gilmer, 2019); labelled.
 * **Auxiliary outliers** for energy / OE fine-tuning, disjoint from every test set by construction:
@@ -48,8 +48,8 @@ __all__ = [
 #: Bumped whenever generation changes, so fingerprints (and extraction caches) change with it.
 GENERATOR_VERSION = 1
 VAL_SIZE = 6000
-OOD_SIZE = 2000
-SHIFT_SIZE = 2000
+OOD_SIZE = 1000
+SHIFT_SIZE = 1000
 AUXILIARY_SIZE = 8000
 SIZE = 28
 CLASSES: tuple[str, ...] = IDX_SETS["fashion-mnist"].classes  # type: ignore[assignment]
