@@ -233,3 +233,22 @@ def test_finetune_needs_model_and_id_without_preset(files, tmp_path):
 def test_train_bad_data_spec(tmp_path):
     res = run("train", "--model", "digits_cnn", "--data", "nosuchkind:abc", "-o", tmp_path / "x.safetensors")
     assert_error(res, 2)
+
+
+def test_train_with_logitnorm_and_palm_losses(files, tmp_path):
+    out = tmp_path / "logitnorm.safetensors"
+    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 3, "--lr", 0.01,
+              "--optimizer", "adam", "--batch-size", 32, "--loss", "logitnorm", "--tau", 0.05, "-o", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert record(out)["settings"]["loss"] == {"loss": "logitnorm", "tau": 0.05}
+    out = tmp_path / "palm.safetensors"
+    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 2, "--lr", 0.01,
+              "--optimizer", "adam", "--batch-size", 64, "--loss", "palm", "--cache-size", 2, "--k", 1, "--feat-dim", 16,
+              "-o", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    s = record(out)["settings"]
+    assert s["kind"] == "palm" and s["loss"]["cache_size"] == 2 and s["loss"]["k"] == 1 and s["loss"]["feat_dim"] == 16
+    assert [e["epoch"] for e in record(out)["history"]] == [1, 2]
+    load_model("digits_cnn", out)
+    assert_error(run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--loss", "hinge",
+                     "-o", tmp_path / "x.safetensors"), 2, "unknown loss 'hinge'")

@@ -26,7 +26,7 @@ def is_model_level(cls) -> bool:
 NAMES = [n for n in detectors.available() if not is_model_level(detectors.get(n))]
 STREAMING = [n for n in NAMES if detectors.get(n).streaming]
 #: hyperparameters that the small test data needs (applied only where the detector has them)
-SMALL_DATA_PARAMS = {"dim": 8, "k": 5}
+SMALL_DATA_PARAMS = {"dim": 8, "k": 5, "epochs": 5, "n_components": 2}
 
 C, D = 4, 48
 

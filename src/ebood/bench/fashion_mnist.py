@@ -23,6 +23,7 @@ from ..models import FashionCNN
 from ..train import get_preset
 from .config import DetectorSpec
 from .results import BenchResult
+from .runner import default_detectors
 from .suite import OpenSet, Suite, default_cache_dir, run_suite, standard_models, torch_threads
 
 __all__ = ["run_fashion_mnist", "FINETUNE_SIZE"]
@@ -78,5 +79,8 @@ def run_fashion_mnist(
                              KNOWN_CLASSES) if open_set else None,
             config={"finetune_size": FINETUNE_SIZE},
         )
+        # msma trains a score model per fit: capped at 40 epochs as in the built-in benchmark
+        chosen = list(detectors) if detectors else [DetectorSpec("msma", {"epochs": 40}) if d.name == "msma" else d
+                                                    for d in default_detectors()]
         return run_suite(suite, seed=seed, cache=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-                         detectors=detectors, progress=progress, log=log, started=t0)
+                         detectors=chosen, progress=progress, log=log, started=t0)

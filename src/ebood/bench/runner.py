@@ -77,8 +77,8 @@ def id_accuracy_warning(model_name: str, accuracy: float | None, *, expected: fl
 def candidate_label(spec: DetectorSpec, params: Mapping[str, Any]) -> str:
     """The label of one grid candidate, e.g. ``react[percentile=85]`` (the name when no grid)."""
     if not spec.grid:
-        return spec.name
-    return spec.name + "[" + ",".join(f"{k}={params[k]}" for k in spec.grid) + "]"
+        return spec.title
+    return spec.title + "[" + ",".join(f"{k}={params[k]}" for k in spec.grid) + "]"
 
 
 def subsampled_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor, *, samples: int | None, repeats: int,
@@ -171,21 +171,23 @@ def evaluate_model(
     result.add_timings(evaluation.timings)
     labels = list(evaluation.scores)
     scores = dict(zip([label for label, _ in instances], (evaluation.scores[k] for k in labels)))
-    result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description}
+    fit_seconds = {label: round(evaluation.fit_seconds[k], 3) for label, k in zip([label for label, _ in instances], labels)
+                   if k in evaluation.fit_seconds}
+    result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description, "fit_seconds": fit_seconds}
     val_names = [VALIDATION_PREFIX + v for v in ood_validation] if has_grid else []
     for spec in detectors:
         params = _select(spec, scores, val_names, evaluation.tpr, result.positive) if len(spec.candidates()) > 1 else spec.candidates()[0]
         if spec.grid:
-            result.selected[f"{model_name}/{spec.name}"] = {k: params[k] for k in spec.grid}
+            result.selected[f"{model_name}/{spec.title}"] = {k: params[k] for k in spec.grid}
         per_set = scores[candidate_label(spec, params)]
-        result.scores[f"{model_name}/{spec.name}/id_test"] = per_set["id_test"]
-        if not _finite(spec.name, "id_test", per_set["id_test"]):
+        result.scores[f"{model_name}/{spec.title}/id_test"] = per_set["id_test"]
+        if not _finite(spec.title, "id_test", per_set["id_test"]):
             continue
         for set_name, ood in ood_sets.items():
             s = per_set[set_name]
-            result.scores[f"{model_name}/{spec.name}/{set_name}"] = s
-            if not _finite(spec.name, set_name, s):
+            result.scores[f"{model_name}/{spec.title}/{set_name}"] = s
+            if not _finite(spec.title, set_name, s):
                 continue
             m = subsampled_metrics(per_set["id_test"], s, samples=ood_samples, repeats=repeats, seed=seed,
                                    tpr=evaluation.tpr, positive=result.positive)
-            result.rows.append({"model": model_name, "detector": spec.name, "ood_set": set_name, "group": ood.group, **m})
+            result.rows.append({"model": model_name, "detector": spec.title, "ood_set": set_name, "group": ood.group, **m})

@@ -112,7 +112,9 @@ class ModelSpec:
     train: TrainFn
     key: tuple[Any, ...] = ()
     needs: tuple[str, ...] = ()
-    detectors: tuple[str, ...] | None = None
+    detectors: Sequence[str | DetectorSpec] | None = None
+    #: record the training seconds in the model's results entry and a note (trained / loaded from the cache)
+    report_training: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def run_suite(suite: Suite, *, seed: int, cache: Path, detectors: Sequence[Detec
                          auxiliary_outliers=data.auxiliary_description)
     chosen = list(detectors) if detectors else default_detectors()
     result.config = {"benchmark": suite.name, "seed": seed, "recipe": asdict(suite.preset), "id": suite.id_description,
-                     "detectors": [d.name for d in chosen], "finetuned_detectors": list(FINETUNED_DETECTORS), **suite.config}
+                     "detectors": [d.title for d in chosen], "finetuned_detectors": list(FINETUNED_DETECTORS), **suite.config}
     ood_sets = {name: OODSet(ds, data.groups[name], data.descriptions.get(name, "")) for name, ds in data.ood.items()}
     ood_sets.update({name: OODSet(ds, "covariate", data.descriptions.get(name, "")) for name, ds in data.covariate.items()})
     _register_sets(result, ood_sets)
@@ -213,11 +215,14 @@ def run_suite(suite: Suite, *, seed: int, cache: Path, detectors: Sequence[Detec
                                    f"{spec.name} {suite.model_name}", seed=seed)
         result.timings["training"] += secs
         trained[spec.name], keys[spec.name] = model, key
-        dets = chosen if spec.detectors is None else [DetectorSpec(n) for n in spec.detectors]
+        dets = chosen if spec.detectors is None else [d if isinstance(d, DetectorSpec) else DetectorSpec(d) for d in spec.detectors]
         t = time.perf_counter()
         evaluate_model(result, spec.name, model, id_train=data.train, id_test=data.test, ood_sets=ood_sets, detectors=dets,
                        id_val=data.val, ood_validation={"auxiliary": data.auxiliary}, seed=seed, cache=cache / "outputs",
                        progress=progress, description=spec.description)
+        if spec.report_training:
+            result.models[spec.name]["training_seconds"] = round(secs, 2)
+            result.notes.append(f"{spec.name}: trained in {secs:.1f} s" if secs else f"{spec.name}: loaded from the cache")
         log(f"{spec.name}: {len(dets)} detectors evaluated in {time.perf_counter() - t:.1f} s")
 
     if suite.open_set is not None:

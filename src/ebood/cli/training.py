@@ -1,4 +1,5 @@
-"""``ebood train`` (a classifier from scratch) and ``ebood finetune`` (energy-bounded / Outlier Exposure).
+"""``ebood train`` (a classifier from scratch: cross-entropy, LogitNorm or PALM) and ``ebood finetune``
+(energy-bounded / Outlier Exposure / LogitNorm).
 
 Models are named as everywhere in ebood (``ebood.models.load_model``): a built-in architecture,
 an entry point ``package.module:function`` or a TorchScript file, plus optional ``--checkpoint``
@@ -148,10 +149,21 @@ def train_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (or the latest in a folder)."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (on a terminal)."),
+    loss: str = typer.Option("ce", "--loss", help="ce (cross-entropy), logitnorm (Wei et al. 2022) or palm (mixture of prototypes, Lu et al. 2024)."),
+    tau: float = typer.Option(0.04, "--tau", help="LogitNorm temperature: logits are scaled to norm 1/tau."),
+    cache_size: int = typer.Option(6, "--cache-size", help="PALM: prototypes per class."),
+    top_k: int = typer.Option(5, "--k", help="PALM: prototypes kept per sample after Sinkhorn (0: all)."),
+    proto_m: float = typer.Option(0.999, "--proto-m", help="PALM: EMA momentum of the prototypes."),
+    temp: float = typer.Option(0.1, "--temp", help="PALM: temperature of the MLE loss."),
+    lambda_pcon: float = typer.Option(1.0, "--lambda-pcon", help="PALM: weight of the prototype contrastive loss."),
+    epsilon: float = typer.Option(0.05, "--epsilon", help="PALM: Sinkhorn-Knopp entropy regularisation."),
+    feat_dim: int = typer.Option(128, "--feat-dim", help="PALM: embedding dimension of the projection head."),
 ) -> None:
-    """Train a classifier from scratch with cross-entropy."""
-    from ..train import train_classifier
+    """Train a classifier from scratch: cross-entropy, LogitNorm, or PALM (score it with knn / mahalanobis)."""
+    from ..train import LogitNormLoss, train_classifier
 
+    if loss not in ("ce", "logitnorm", "palm"):
+        fail(f"unknown loss {loss!r}; choose ce, logitnorm or palm")
     _check_output(output)
     data_opts = _data_options(mean, std, image_size)
     import torch
@@ -159,6 +171,15 @@ def train_command(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights, reproducible from --seed
         net = _load_model(model, checkpoint, num_classes)
+    if loss == "palm":
+        if checkpoint_dir is not None or resume is not None:
+            fail("--checkpoint-dir / --resume are not available with --loss palm")
+        params = dict(cache_size=cache_size, k=top_k, proto_m=proto_m, temp=temp, lambda_pcon=lambda_pcon, epsilon=epsilon,
+                      feat_dim=feat_dim)
+        _run_palm(net, output, params, data=_open(data, root, data_opts), epochs=epochs, lr=lr, batch_size=batch_size,
+                  optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=_device(device), progress=progress,
+                  augment=_augmentation(augment, data_opts))
+        return
     _run_training(
         train_classifier, output,
         {"command": "train", "model": model, "checkpoint": None if checkpoint is None else str(checkpoint), "data": data},
@@ -167,7 +188,34 @@ def train_command(
         checkpoint_dir=checkpoint_dir, resume=resume, num_workers=num_workers, progress=progress,
         augment=_augmentation(augment, data_opts),
         validation=None if validation is None else _open(validation, root, data_opts),
+        loss=LogitNormLoss(tau) if loss == "logitnorm" else None,
     )
+
+
+def _run_palm(net: Any, output: Path, params: dict[str, Any], **kwargs: Any) -> None:
+    """PALM training of ``net``'s penultimate features; prints the epochs, errors in one line."""
+    from rich.console import Console
+    from rich.table import Table
+    from torch import nn
+
+    from ..train import PALMLoss, train_palm
+
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        fail(f"{type(net).__name__} has no nn.Linear head: PALM trains the input of the last one")
+    history: list[Any] = []
+    try:
+        objective = PALMLoss(linears[-1].out_features, seed=kwargs["seed"], **params)
+        train_palm(net, loss=objective, output=output, on_epoch=history.append, **kwargs)
+    except (ValueError, FloatingPointError) as exc:
+        fail(str(exc))
+    table = Table(title="PALM training", box=None, pad_edge=False)
+    for c in ("epoch", "loss", "MLE", "PCON", "s"):
+        table.add_column(c, justify="right")
+    for m in history:
+        table.add_row(str(m.epoch), f"{m.loss:.4g}", f"{m.mle:.4g}", f"{m.proto_contra:.4g}", f"{m.seconds:.1f}")
+    Console().print(table)
+    typer.echo(f"wrote {output} (score its penultimate features with knn or mahalanobis)")
 
 
 def _pick(value: Any, preset_value: Any) -> Any:

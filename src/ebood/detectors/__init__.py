@@ -1,8 +1,9 @@
 """OOD detectors behind one API: ``create(name, **hyperparameters)``, ``fit``, ``score``.
 
 Grouped by family: ``logit`` (logits only), ``feature`` (penultimate features: a package with one
-module per detector), ``shaping`` (activation shaping, re-applying the head) and ``model``
-(detectors that need the model itself). A new detector is one class, decorated with ``@register``.
+module per detector), ``shaping`` (activation shaping, re-applying the head), ``model``
+(detectors that need the model itself) and ``msma`` (multiscale score matching, a trained density
+model on features or inputs). A new detector is one class, decorated with ``@register``.
 """
 
 from .base import Detector, MissingFieldError, NotFittedError, available, create, get, load, register
@@ -10,7 +11,8 @@ from .logit import *  # noqa: F401,F403
 from .feature import *  # noqa: F401,F403
 from .shaping import *  # noqa: F401,F403
 from .model import *  # noqa: F401,F403
-from . import feature, logit, model, shaping
+from .msma import *  # noqa: F401,F403
+from . import feature, logit, model, msma, shaping
 
 __all__ = ["Detector", "MissingFieldError", "NotFittedError", "available", "create", "get", "load", "register"]
-__all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__
+__all__ += logit.__all__ + feature.__all__ + shaping.__all__ + model.__all__ + msma.__all__
