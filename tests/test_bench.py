@@ -285,7 +285,7 @@ def test_preset_runs_on_tiny_official_files(preset, arch, data_root, tmp_path):
     load_commands()
     out = tmp_path / "out"
     detectors = "msp,energy,mahalanobis" if preset == "cifar10-energy" else "msp,energy,vim,fdbd"
-    res = runner.invoke(app, ["bench", preset, "--root", str(data_root), "--checkpoint", str(ckpt), "--out", str(out),
+    res = runner.invoke(app, ["bench", preset, "--root", str(data_root), "--checkpoint", str(ckpt), "--output", str(out),
                               "--cache-dir", str(tmp_path / "c"), "--detectors", detectors, "--figures", "none", "-q"])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
@@ -297,14 +297,14 @@ def test_preset_runs_on_tiny_official_files(preset, arch, data_root, tmp_path):
 
 def test_preset_without_checkpoint_says_what_to_pass(data_root, tmp_path):
     load_commands()
-    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(data_root), "--out", str(tmp_path / "o"), "-q"])
+    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(data_root), "--output", str(tmp_path / "o"), "-q"])
     assert res.exit_code != 0
     assert "--checkpoint" in res.output and "Traceback" not in res.output
 
 
 def test_preset_with_missing_data_lists_expected_files(tmp_path):
     load_commands()
-    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "-q"])
+    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(tmp_path), "--output", str(tmp_path / "o"), "-q"])
     assert res.exit_code != 0
     assert "cifar-10-batches-bin" in res.output and "Traceback" not in res.output
 
@@ -325,7 +325,7 @@ def test_cli_builtin_bench_writes_every_file(builtin_result, tmp_path):
     _, cache = builtin_result
     load_commands()
     out = tmp_path / "res"
-    res = CliRunner().invoke(app, ["bench", "--cache-dir", str(cache), "--out", str(out), "--detectors", "energy,msp,mahalanobis", "-q"])
+    res = CliRunner().invoke(app, ["bench", "--cache-dir", str(cache), "--output", str(out), "--detectors", "energy,msp,mahalanobis", "-q"])
     assert res.exit_code == 0, res.output
     for name in ("results.json", "results.csv", "scores.safetensors", "report.html"):
         assert (out / name).is_file(), name

@@ -20,7 +20,7 @@ from .detectors import load  # noqa: E402
 __all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors", "wrap"]
 
 _LAZY_FUNCTIONS = {"extract": "extraction", "evaluate_detectors": "evaluation", "wrap": "deploy"}
-_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed", "deploy")
+_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed", "deploy", "selective")
 
 
 def __getattr__(name: str) -> Any:

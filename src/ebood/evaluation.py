@@ -57,6 +57,8 @@ class EvaluationResult:
     * ``detectors[label]``: the fitted detectors (labels are names, with hyperparameters
       appended when one name appears twice).
     * ``id_accuracy``: top-1 accuracy of the logits on the labelled ID test samples (or ``None``).
+    * ``id_correct``: whether each ID test prediction (``argmax`` of the logits) was right, a bool
+      tensor (``None`` without labels, or when some are unknown): the input of the failure metrics.
     * ``timings``: seconds spent in ``extraction``, ``fitting``, ``scoring`` and in ``total``.
     * ``outputs``: the extracted outputs per dataset (``"id_train"``, ``"id_test"``, OOD sets),
       kept when ``keep_outputs`` is true.
@@ -72,6 +74,7 @@ class EvaluationResult:
     tpr: float = 0.95
     positive: str = "id"
     fit_seconds: dict[str, float] = field(default_factory=dict)
+    id_correct: torch.Tensor | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per (detector, OOD set): ``detector``, ``ood_set`` and the four metrics."""
@@ -160,6 +163,12 @@ def _accuracy(out: Outputs) -> float | None:
     if not bool(keep.any()):
         return None
     return float((out.logits[keep].argmax(dim=1) == out.labels[keep]).double().mean())
+
+
+def _correct(out: Outputs) -> torch.Tensor | None:
+    if out.labels is None or out.logits is None or not bool((out.labels >= 0).all()):
+        return None
+    return (out.logits.argmax(dim=1) == out.labels).cpu()
 
 
 def _set_metrics(label: str, name: str, per_set: Mapping[str, torch.Tensor], tpr: float, positive: str) -> dict[str, float]:
@@ -258,7 +267,8 @@ def evaluate_detectors(
     table = {label: {name: _set_metrics(label, name, per_set, tpr, positive) for name in ood_sets} for label, per_set in raw.items()}
     timings = {"extraction": clock.extraction, "fitting": clock.fitting, "scoring": clock.scoring, "total": time.perf_counter() - start}
     return EvaluationResult(metrics=table, scores=raw, detectors=dets, id_accuracy=_accuracy(id_outputs) if id_outputs is not None else None,
-                            timings=timings, outputs=kept, tpr=tpr, positive=positive, fit_seconds=dict(clock.per_detector))
+                            timings=timings, outputs=kept, tpr=tpr, positive=positive, fit_seconds=dict(clock.per_detector),
+                            id_correct=_correct(id_outputs) if id_outputs is not None else None)
 
 
 def _extract_train(model: nn.Module, id_train: Any, model_level: dict[str, Detector], layers: Sequence[str] | None, clock: _Clock,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,10 +42,10 @@ def wrapped_from_options(model: str, detector: Path, checkpoint: Optional[Path],
                       output=_parse_selector(logits_from), **kwargs)
 
 
-@command("export")
+@command("export", renamed={"-d": ["--detector"]})
 def export_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    detector: Path = typer.Option(..., "--detector", "-d", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
+    detector: Path = typer.Option(..., "--detector", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write: .pt2 (torch.export), .pt (TorchScript) or .onnx."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="State dict to load into the model (.safetensors, .pt)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", "-a", help="Constructor argument KEY=VALUE (repeatable), e.g. -a num_classes=100."),
@@ -61,10 +62,10 @@ def export_command(
     typer.echo(f"wrote {wrapped.detector_name} on {model} (threshold {float(wrapped.threshold):.6g}, inputs {tuple(example.shape[1:])}) to {path}")
 
 
-@command("serve")
+@command("serve", renamed={"-d": ["--detector"]})
 def serve_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    detector: Optional[Path] = typer.Option(None, "--detector", "-d", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="A fitted, calibrated detector saved by `ebood fit` (.safetensors)."),
     exported: Optional[Path] = typer.Option(None, "--exported", "-e", help="Serve a file written by `ebood export` (.pt2, .pt, .onnx) instead of --model / --detector."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="State dict to load into the model (.safetensors, .pt)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", "-a", help="Constructor argument KEY=VALUE (repeatable)."),
@@ -106,17 +107,16 @@ def serve_command(
     try:
         url = served.start(source, host=host, port=port, address=address, quiet=not verbose, replicas=replicas, max_batch_size=max_batch_size,
                            batch_wait_ms=batch_wait_ms, max_body_bytes=int(max_body_mb * 2**20), max_rows=max_rows)
-    except USER_ERRORS:
-        raise
-    except Exception as exc:  # Ray's own start-up failures: one line, and nothing left running
-        served.stop()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot start Ray Serve on {host}:{port}: {first}")
-    typer.echo(f"serving on {url}: POST /score, GET /healthz, GET /metrics (Ctrl-C to stop)", err=True)
-    try:
+        typer.echo(f"serving on {url}: POST /score, GET /healthz, GET /metrics (Ctrl-C to stop)", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         typer.echo("ebood: stopping", err=True)
+    except USER_ERRORS:
+        raise
+    except Exception as exc:  # Ray's own start-up failures: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"cannot start Ray Serve on {host}:{port}: {first}")
     finally:
-        served.stop()
+        with contextlib.suppress(KeyboardInterrupt):  # Ray re-raises a second Ctrl-C while shutting down
+            served.stop()  # also after Ctrl-C during start-up: nothing left running

@@ -146,7 +146,7 @@ def start(source: Source, *, host: str = "127.0.0.1", port: int = 8000, address:
     import ray
 
     app = build_app(source, **options)
-    level = logging.WARNING if quiet else logging.INFO
+    level = logging.ERROR if quiet else logging.INFO
     if not ray.is_initialized():
         _init_ray(address, level, quiet, num_cpus)
         _STARTED_RAY.append(True)

@@ -3,6 +3,7 @@ atomic Parquet write, and the tree reduction."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import uuid
@@ -14,6 +15,32 @@ from ._source import PartitionError
 
 #: tasks lost to a dead worker or node are re-run by Ray this many times (application errors are not)
 MAX_RETRIES = 3
+
+
+_verbose = False
+
+
+def set_verbose(verbose: bool = True) -> None:
+    """Show Ray Data's INFO lines (about 20 per job: execution plans, progress hints) during
+    ebood's jobs, and Ray's own start-up lines; off by default (``ebood ... --ray --verbose``)."""
+    global _verbose
+    _verbose = bool(verbose)
+
+
+@contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data's logger at WARNING for the duration (unless :func:`set_verbose`); restored after.
+    Its log file in the Ray session directory keeps what the console would have shown at INFO."""
+    if _verbose:
+        yield
+        return
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 _ERROR_LINE = re.compile(r"^(?P<kind>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.+)$")
@@ -37,9 +64,11 @@ def clean_errors(context: str = "") -> Iterator[None]:
     """Turn an exception raised in a Ray task into the user error it carries (one line, no remote
     traceback): a :class:`PartitionError` (bad input, naming file and rows), or a ValueError /
     TypeError (a detector refusing its input, prefixed with ``context``). Other failures (a node
-    lost after its retries, a bug) propagate unchanged."""
+    lost after its retries, a bug) propagate unchanged. Ray Data's INFO lines are quiet meanwhile
+    (see :func:`set_verbose`)."""
     try:
-        yield
+        with quiet_ray_data():
+            yield
     except PartitionError:
         raise
     except Exception as exc:
@@ -120,6 +149,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Callable[[], None]:
 
     if ray.is_initialized():
         return lambda: None
+    kwargs.setdefault("logging_level", logging.INFO if _verbose else logging.WARNING)
     ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
     return ray.shutdown
 

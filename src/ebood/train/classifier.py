@@ -57,7 +57,10 @@ def train_classifier(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     loss: Callable[..., LossParts] | None = None,
 ) -> torch.nn.Module:
-    """Train ``model`` on labelled ``data`` with cross-entropy and return it (in eval mode).
+    """Train ``model`` in place on labelled ``data`` with cross-entropy; return that same object (in eval mode).
+
+    Like :func:`ebood.train.finetune`, the model given is the model trained: ``train_classifier(model, ...)``
+    and ``model = train_classifier(model, ...)`` are the same; copy it first (``copy.deepcopy``) to keep it.
 
     The defaults are the pre-training recipe of the WideResNets in the energy-OOD and Outlier
     Exposure papers (Hendrycks, Mazeika & Dietterich, ICLR 2019): 100 epochs of SGD with Nesterov

@@ -69,7 +69,11 @@ def finetune(
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> torch.nn.Module:
-    """Fine-tune ``model`` on ``id_data`` with auxiliary ``outlier_data`` and return it (in eval mode).
+    """Fine-tune ``model`` in place on ``id_data`` with auxiliary ``outlier_data``; return that same object (in eval mode).
+
+    As with :func:`ebood.train.train_classifier`, the model given is the model trained:
+    ``finetune(model, ...)`` and ``model = finetune(model, ...)`` are the same; copy it first
+    (``copy.deepcopy``) to keep the pre-trained weights.
 
     Parameters
     ----------
