@@ -52,7 +52,7 @@ def _detector_specs(names: str | None) -> list | None:
 
 @command("bench", renamed={"--out": ["--output"]})
 def bench_command(
-    benchmark: str = typer.Argument(None, help="A preset (" + ", ".join(available_presets()) + ") or a benchmark TOML file. Omit it for the built-in offline benchmark."),
+    benchmark: str = typer.Argument(None, help="fashion-mnist (real images, see docs/benchmarks.md), a preset (" + ", ".join(available_presets()) + ") or a benchmark TOML file. Omit it for the built-in offline benchmark."),
     out: Path = typer.Option(None, "--output", "-o", help="Results directory (default: ebood-results/, or the config's output)."),
     root: Path = typer.Option(None, "--root", help="Folder holding the real data sets in their official formats (default: $EBOOD_DATA)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Trained weights for the config's model (.safetensors or .pt)."),
@@ -66,7 +66,7 @@ def bench_command(
     show_preset: str = typer.Option(None, "--show-preset", help="Print a preset's TOML (a starting point for your own) and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the table."),
 ) -> None:
-    """Run a benchmark: the built-in one (no argument), a preset, or a TOML file; print the table, write results and report."""
+    """Run a benchmark: the built-in one (no argument), fashion-mnist, a preset, or a TOML file; print the table, write results and report."""
     import json
     import time
     import warnings
@@ -137,6 +137,13 @@ def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint:
             fail("--root, --checkpoint and --outliers apply to presets and TOML benchmarks, not to the built-in one")
         result = run_builtin(seed=seed or 0, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
         return result, out or Path("ebood-results")
+    if benchmark == "fashion-mnist":
+        from ..bench.fashion_mnist import run_fashion_mnist
+
+        if checkpoint or outliers:
+            fail("--checkpoint and --outliers apply to presets and TOML benchmarks, not to fashion-mnist (ebood trains its models)")
+        result = run_fashion_mnist(seed=seed or 0, root=root, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
+        return result, out or Path("ebood-results") / "fashion-mnist"
     from ..bench.config import load_config
     from ..bench.presets import preset_path
     from ..bench.protocol import run_config
