@@ -15,6 +15,7 @@ import typer
 from ..bench.presets import available_presets
 from ..detectors import available as available_detectors
 from ..report import write_report
+from ..report.figures import HISTOGRAM_AXES
 from ._app import app, command, fail  # noqa: F401
 from ._help import check_choice, one_of
 
@@ -28,9 +29,11 @@ _FIGURES_HELP = ("Report figures (histograms and ROC curves): " + one_of(FIGURE_
 def report_command(
     results_dir: Path = typer.Argument(..., help="A results directory written by `ebood bench` (results.json, scores.safetensors)."),
     figures: str = typer.Option("auto", "--figures", help=_FIGURES_HELP),
+    histogram_axis: str = typer.Option("auto", "--histogram-axis", help="Score histograms: " + one_of(HISTOGRAM_AXES) + ". auto: a log scale for a set that is one spike (as MSP's at -1); rank: the score's rank among ID scores."),
 ) -> None:
     """Render RESULTS_DIR/report.html again from results.json and scores.safetensors; print its path."""
-    path = write_report(results_dir, figures=check_choice(figures, FIGURE_MODES, "--figures"))  # type: ignore[arg-type]
+    path = write_report(results_dir, figures=check_choice(figures, FIGURE_MODES, "--figures"),  # type: ignore[arg-type]
+                        histogram_axis=check_choice(histogram_axis, HISTOGRAM_AXES, "--histogram-axis"))
     typer.echo(str(path))
 
 
@@ -49,7 +52,7 @@ def _detector_specs(names: str | None) -> list | None:
 
 @command("bench", renamed={"--out": ["--output"]})
 def bench_command(
-    benchmark: str = typer.Argument(None, help="A preset (" + ", ".join(available_presets()) + ") or a benchmark TOML file. Omit it for the built-in offline benchmark."),
+    benchmark: str = typer.Argument(None, help="fashion-mnist (real images, see docs/benchmarks.md), a preset (" + ", ".join(available_presets()) + ") or a benchmark TOML file. Omit it for the built-in offline benchmark."),
     out: Path = typer.Option(None, "--output", "-o", help="Results directory (default: ebood-results/, or the config's output)."),
     root: Path = typer.Option(None, "--root", help="Folder holding the real data sets in their official formats (default: $EBOOD_DATA)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Trained weights for the config's model (.safetensors or .pt)."),
@@ -63,7 +66,7 @@ def bench_command(
     show_preset: str = typer.Option(None, "--show-preset", help="Print a preset's TOML (a starting point for your own) and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the table."),
 ) -> None:
-    """Run a benchmark: the built-in one (no argument), a preset, or a TOML file; print the table, write results and report."""
+    """Run a benchmark: the built-in one (no argument), fashion-mnist, a preset, or a TOML file; print the table, write results and report."""
     import json
     import time
     import warnings
@@ -104,7 +107,7 @@ def _print_table(results: dict) -> None:
     not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report.terminal import failure_results_table, fit_results, summary_notes
+    from ..report.terminal import failure_results_table, fit_results, natural_width, summary_notes
 
     console = Console()
     if not console.is_terminal:
@@ -114,8 +117,10 @@ def _print_table(results: dict) -> None:
     if layout != "per-set":
         console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
     failure = failure_results_table(results)
-    if failure is not None:
+    if failure is not None and natural_width(failure) <= console.width:  # never a cut number
         console.print(failure)
+    elif failure is not None:
+        console.print(f"[dim]failure-detection table left out at {console.width} columns: see report.html[/]")
     for note in summary_notes(results):
         console.print(note, markup=False, highlight=False)
 
@@ -132,6 +137,13 @@ def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint:
             fail("--root, --checkpoint and --outliers apply to presets and TOML benchmarks, not to the built-in one")
         result = run_builtin(seed=seed or 0, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
         return result, out or Path("ebood-results")
+    if benchmark == "fashion-mnist":
+        from ..bench.fashion_mnist import run_fashion_mnist
+
+        if checkpoint or outliers:
+            fail("--checkpoint and --outliers apply to presets and TOML benchmarks, not to fashion-mnist (ebood trains its models)")
+        result = run_fashion_mnist(seed=seed or 0, root=root, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
+        return result, out or Path("ebood-results") / "fashion-mnist"
     from ..bench.config import load_config
     from ..bench.presets import preset_path
     from ..bench.protocol import run_config
