@@ -72,6 +72,10 @@ def bench_command(
         return
     if figures not in ("auto", "all", "none"):
         fail(f"--figures must be auto, all or none, got {figures!r}")
+    if out is not None:
+        from ..io import check_writable
+
+        check_writable(out, directory=True)  # before the run, not after it
     err = Console(stderr=True, soft_wrap=True)
     log = (lambda msg: None) if quiet else (lambda msg: err.print(f"[dim]ebood bench:[/] {msg}"))
     progress = not quiet
