@@ -93,8 +93,11 @@ def _cached_model(cache: Path | None, key: str, build: Callable[[], nn.Module], 
     seconds = time.perf_counter() - start
     log(f"{label}: trained in {seconds:.1f} s")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, path, {"key": key, "label": label})
+        try:  # a cache is an optimisation: one that cannot be written costs a retraining next time, no more
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(model, path, {"key": key, "label": label})
+        except OSError as exc:
+            log(f"{label}: not cached ({exc})")
     return model.eval(), seconds
 
 
