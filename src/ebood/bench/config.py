@@ -11,6 +11,7 @@ optional fine-tuning with auxiliary outliers, the seed, repeats and output direc
     ood_samples = 2000          # per OOD set and repeat; omit to use every sample
     positive = "id"             # FPR95 reading: "id" (energy paper) or "ood" (OpenOOD)
     output = "ebood-results/my-benchmark"
+    expected_id_accuracy = 0.94 # a run whose model falls far below this warns (see ACCURACY_MARGIN)
 
     [model]
     architecture = "wrn40_2"    # or torchscript = "model.pt", or entry_point = "pkg.mod:fn"
@@ -103,6 +104,7 @@ class BenchConfig:
     positive: str = "id"
     output: str = "ebood-results"
     reference: dict[str, Any] = field(default_factory=dict)
+    expected_id_accuracy: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -176,6 +178,9 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>") -> BenchCo
         if ood_samples is not None and (not isinstance(ood_samples, int) or ood_samples < 1):
             raise ConfigError(f"ood_samples: must be a positive integer, got {ood_samples!r}")
         options = {k: v for k, v in data.items() if k not in ("root", "id_train", "id_val", "id_test", "ood", "ood_validation")}
+        expected = doc.get("expected_id_accuracy")
+        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float)) or not 0 < expected <= 1):
+            raise ConfigError(f"expected_id_accuracy: a fraction in (0, 1], got {expected!r}")
         return BenchConfig(
             name=str(doc.get("name", Path(source).stem)),
             model=_model(_need(doc, "model", source, Mapping)),
@@ -194,6 +199,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>") -> BenchCo
             positive=positive,
             output=str(doc.get("output", f"ebood-results/{doc.get('name', Path(source).stem)}")),
             reference=dict(doc.get("reference", {})),
+            expected_id_accuracy=None if expected is None else float(expected),
             raw=dict(doc),
         )
     except ConfigError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from ..train import EnergyBoundedLoss, OutlierExposureLoss, finetune, train_clas
 from .builtin import _cached_model, _key, default_cache_dir
 from .config import BenchConfig, ConfigError, DetectorSpec
 from .results import BenchResult, describe_device
-from .runner import OODSet, default_detectors, evaluate_model
+from .runner import OODSet, default_detectors, evaluate_model, id_accuracy_warning
 
 __all__ = ["run_config"]
 
@@ -140,6 +141,11 @@ def run_config(
         t = time.perf_counter()
         evaluate_model(result, name, m, detectors=dets, description=description, **common)
         log(f"{name}: {len(dets)} detectors evaluated in {time.perf_counter() - t:.1f} s")
+        low = id_accuracy_warning(name, result.models[name].get("id_accuracy"), expected=config.expected_id_accuracy,
+                                  num_classes=config.model.kwargs.get("num_classes"))
+        if low:
+            result.notes.append(low)
+            warnings.warn(low, stacklevel=2)
     result.config["resolved"] = {"root": str(root or config.root), "checkpoint": str(checkpoint or config.model.checkpoint),
                                  "detectors": [asdict(d) for d in detectors]}
     result.timings["total"] = time.perf_counter() - t0

@@ -23,9 +23,14 @@ from ..evaluation import evaluate_detectors
 from .config import DetectorSpec
 from .results import BenchResult
 
-__all__ = ["OODSet", "evaluate_model", "default_detectors", "candidate_label", "subsampled_metrics"]
+__all__ = ["OODSet", "evaluate_model", "default_detectors", "candidate_label", "subsampled_metrics",
+           "id_accuracy_warning", "ACCURACY_MARGIN"]
 
 VALIDATION_PREFIX = "val:"
+
+#: how far (in accuracy, as a fraction) a model may fall below the benchmark's expected ID accuracy
+#: before the run warns: OOD numbers of a model that does not classify its own data mean little
+ACCURACY_MARGIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,28 @@ def default_detectors(*, model_level: bool = True) -> list[DetectorSpec]:
             continue
         specs.append(DetectorSpec(name=name))
     return specs
+
+
+def id_accuracy_warning(model_name: str, accuracy: float | None, *, expected: float | None = None,
+                        num_classes: int | None = None) -> str | None:
+    """A warning when ``accuracy`` is far below what the benchmark expects, else None.
+
+    With ``expected`` (a preset's ``expected_id_accuracy``): below ``expected - ACCURACY_MARGIN``.
+    Without it: below twice chance (``2 / num_classes``), which no trained classifier should be.
+    """
+    if accuracy is None:
+        return None
+    if expected is not None:
+        if accuracy < expected - ACCURACY_MARGIN:
+            return (f"{model_name}: ID accuracy {100 * accuracy:.1f}% is far below the {100 * expected:.1f}% this benchmark "
+                    f"expects (expected_id_accuracy); check the checkpoint, the preprocessing (mean / std) and the "
+                    f"training settings before reading its OOD numbers")
+        return None
+    if num_classes and num_classes > 1 and accuracy < 2.0 / num_classes:
+        return (f"{model_name}: ID accuracy {100 * accuracy:.1f}% is close to chance ({100 / num_classes:.1f}% for "
+                f"{num_classes} classes); check the checkpoint, the preprocessing and the training settings before "
+                f"reading its OOD numbers")
+    return None
 
 
 def candidate_label(spec: DetectorSpec, params: Mapping[str, Any]) -> str:

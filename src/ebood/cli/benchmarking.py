@@ -99,19 +99,21 @@ def bench_command(
 
 
 def _print_table(results: dict) -> None:
-    """The per-set table when it fits the terminal (any width when output is not a terminal), else the means."""
+    """The widest layout whose every cell is whole at the terminal's width (240 columns when output is
+    not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report import results_table
+    from ..report.terminal import fit_results, summary_notes
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=240)
-    table = results_table(results)
-    if console.measure(table).minimum > console.width:
-        table = results_table(results, per_set=False)
-        table.caption = (table.caption + "; " if table.caption else "") + "per-set columns left out to fit the terminal: see report.html or results.csv"
-    console.print(table)
+    renderable, layout = fit_results(results, console.width)
+    console.print(renderable)
+    if layout != "per-set":
+        console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
+    for note in summary_notes(results):
+        console.print(note, markup=False, highlight=False)
 
 
 def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint: Path | None, outliers: str | None,

@@ -228,15 +228,7 @@ def _body(results: Results, columns: Sequence[tuple[str, str, Any]], span: int, 
 
 
 def _reference(results: Results) -> tuple[str, dict[str, float], str] | None:
-    """Published numbers of the protocol (``[reference]`` of a preset): metric, values by model/detector, source."""
-    ref = results.config.get("reference")
-    if not isinstance(ref, Mapping):
-        return None
-    metric = ref.get("metric", "fpr95")
-    values = {k: float(v) for k, v in ref.items() if "/" in k and isinstance(v, (int, float))}
-    if metric not in METRIC_NAMES or not values:
-        return None
-    return metric, values, str(ref.get("source", ""))
+    return results.reference()
 
 
 def summary_table(results: Results) -> str:

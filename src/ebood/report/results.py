@@ -127,6 +127,18 @@ class Results:
             return math.nan
         return float(np.mean([self.value(model, detector, s, metric) for s in sets], dtype=np.float64))
 
+    def reference(self) -> tuple[str, dict[str, float], str] | None:
+        """Published numbers of the protocol (a preset's ``[reference]``): (metric, percent values keyed
+        ``"model/detector"``, source), or None when there are none."""
+        ref = self.raw.get("reference") or self.config.get("reference")
+        if not isinstance(ref, Mapping):
+            return None
+        metric = ref.get("metric", "fpr95")
+        values = {k: float(v) for k, v in ref.items() if "/" in k and _is_number(v)}
+        if metric not in METRIC_NAMES or not values:
+            return None
+        return str(metric), values, str(ref.get("source", ""))
+
     def mean_columns(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """The mean columns worth showing: near and far when present, the overall OOD mean when both are."""
         present = [g for g in OOD_GROUPS if self.sets_in((g,))]
