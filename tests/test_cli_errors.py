@@ -177,3 +177,28 @@ def test_score_predict_and_csv_are_read_back_by_ebood(files, tmp_path):
     back = ebood.io.read_arrays(tmp_path / "p.npy")
     assert set(back) == {"energy", "is_ood"}
     assert np.array_equal(back["is_ood"].astype(bool), back["energy"] > det.threshold_)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_writer_failing_in_its_own_words_is_one_line(files, tmp_path, monkeypatch, suffix):
+    """safetensors and torch.save fail with SafetensorError / torch's inline_container.cc text."""
+    import safetensors.numpy
+    import torch
+
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+
+        def broken(*a, **k):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+        monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+        expected = "no space left on the device: free some space or write elsewhere"
+    else:
+        def broken(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+        monkeypatch.setattr(torch, "save", broken)
+        expected = "the write failed part-way: check the free space and that the folder is still there"
+    line = one_error_line(RUNNER.invoke(app, ["score", f"{files}/z.npy", "-o", str(tmp_path / f"s{suffix}")]))
+    assert line == f"ebood: error: {tmp_path / f's{suffix}'}: cannot write: {expected}"
+    assert list(tmp_path.iterdir()) == []

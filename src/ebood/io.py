@@ -64,6 +64,9 @@ def _write_error(path: Path, exc: BaseException) -> FileWriteError:
         code = errno.ENOSPC if ("no space" in lowered or "storagefull" in lowered) else None
     if code in _WRITE_HINTS:
         reason = _WRITE_HINTS[code]
+    elif "inline_container" in text or "enforce fail" in text or "serializ" in text.lower():
+        # torch's zip writer and safetensors report a failed write by their C++ / Rust location only
+        reason = "the write failed part-way: check the free space and that the folder is still there"
     else:
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         reason = f"{getattr(exc, 'strerror', None) or first}: check the path and the free space"
