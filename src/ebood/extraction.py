@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from .io import FileWriteError
 from .outputs import Head, Outputs
-from .runtime import model_inputs, parse_device
+from .runtime import DeviceError, model_inputs, parse_device
 from .state import StateError, load_state, save_state
 
 __all__ = [
@@ -206,7 +206,10 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         if t is None:
             t = next(iter(model.buffers()), None)
         return t.device if t is not None else torch.device("cpu")
-    return parse_device(device)
+    try:
+        return parse_device(device)
+    except DeviceError as exc:
+        raise ExtractionError(str(exc)) from None
 
 
 def _weights_device(model: nn.Module) -> torch.device | None:
