@@ -60,7 +60,18 @@ def test_builtin_rows_are_the_metrics_of_the_saved_scores(builtin_result, tmp_pa
     for key in ("config", "versions", "device", "seed", "timings", "models", "ood_sets", "auxiliary_outliers"):
         assert key in doc
     assert set(doc["timings"]) >= {"training", "extraction", "fitting", "scoring", "total"}
-    assert set(doc["models"]) == {"pretrained", "energy_finetuned", "oe_finetuned", "openset"}
+    assert set(doc["models"]) == {"pretrained", "energy_finetuned", "oe_finetuned", "logitnorm", "palm", "openset"}
+
+
+def test_builtin_has_logitnorm_and_palm_rows_with_training_times(builtin_result):
+    result, _ = builtin_result
+    detectors_of = lambda m: {r["detector"] for r in result.rows if r["model"] == m}  # noqa: E731
+    assert detectors_of("logitnorm") == {"msp", "energy", "max_logit", "entropy"}
+    assert detectors_of("palm") == {"knn", "mahalanobis"}
+    for name in ("logitnorm", "palm"):
+        assert 0 < result.models[name]["training_seconds"] <= 120  # ~10-40 s on a loaded 2-core machine
+        assert result.models[name]["id_accuracy"] > 0.85
+    assert set(result.models["pretrained"]["fit_seconds"]) == {"mahalanobis"}  # of FAST, the one that learns
 
 
 def test_builtin_finetuning_improves_the_score_it_targets(builtin_result):
@@ -78,7 +89,7 @@ def test_builtin_finetuning_improves_the_score_it_targets(builtin_result):
 def test_builtin_is_deterministic_and_cached(builtin_result, tmp_path):
     """A second run from an empty cache trains again and gives the same numbers; a warm run trains nothing."""
     result, cache = builtin_result
-    fresh = run_builtin(seed=0, cache_dir=tmp_path, detectors=FAST, finetuned=False, open_set=False, progress=False)
+    fresh = run_builtin(seed=0, cache_dir=tmp_path, detectors=FAST, finetuned=False, open_set=False, other_losses=False, progress=False)
     pre = [r for r in result.rows if r["model"] == "pretrained"]
     assert fresh.rows == pre
     warm = run_builtin(seed=0, cache_dir=cache, detectors=FAST, open_set=False, progress=False)
@@ -90,9 +101,10 @@ def test_model_initialisation_depends_on_the_seed_alone(tmp_path):
     """The open-set model trained after a cached pre-trained model (nothing trained before it) equals
     the one trained after training the pre-trained model in the same process."""
     detectors = [DetectorSpec("energy")]
-    run_builtin(seed=0, cache_dir=tmp_path / "a", detectors=detectors, finetuned=False, open_set=False, progress=False)
-    after_cached = run_builtin(seed=0, cache_dir=tmp_path / "a", detectors=detectors, finetuned=False, progress=False)
-    after_training = run_builtin(seed=0, cache_dir=tmp_path / "b", detectors=detectors, finetuned=False, progress=False)
+    quick = dict(detectors=detectors, finetuned=False, other_losses=False, progress=False)
+    run_builtin(seed=0, cache_dir=tmp_path / "a", open_set=False, **quick)
+    after_cached = run_builtin(seed=0, cache_dir=tmp_path / "a", **quick)
+    after_training = run_builtin(seed=0, cache_dir=tmp_path / "b", **quick)
     openset = lambda r: [row for row in r.rows if row["model"] == "openset"]  # noqa: E731
     assert openset(after_cached) and openset(after_cached) == openset(after_training)
 
@@ -273,7 +285,7 @@ def test_preset_runs_on_tiny_official_files(preset, arch, data_root, tmp_path):
     load_commands()
     out = tmp_path / "out"
     detectors = "msp,energy,mahalanobis" if preset == "cifar10-energy" else "msp,energy,vim,fdbd"
-    res = runner.invoke(app, ["bench", preset, "--root", str(data_root), "--checkpoint", str(ckpt), "--out", str(out),
+    res = runner.invoke(app, ["bench", preset, "--root", str(data_root), "--checkpoint", str(ckpt), "--output", str(out),
                               "--cache-dir", str(tmp_path / "c"), "--detectors", detectors, "--figures", "none", "-q"])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
@@ -285,14 +297,14 @@ def test_preset_runs_on_tiny_official_files(preset, arch, data_root, tmp_path):
 
 def test_preset_without_checkpoint_says_what_to_pass(data_root, tmp_path):
     load_commands()
-    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(data_root), "--out", str(tmp_path / "o"), "-q"])
+    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(data_root), "--output", str(tmp_path / "o"), "-q"])
     assert res.exit_code != 0
     assert "--checkpoint" in res.output and "Traceback" not in res.output
 
 
 def test_preset_with_missing_data_lists_expected_files(tmp_path):
     load_commands()
-    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "-q"])
+    res = CliRunner().invoke(app, ["bench", "cifar10-energy", "--root", str(tmp_path), "--output", str(tmp_path / "o"), "-q"])
     assert res.exit_code != 0
     assert "cifar-10-batches-bin" in res.output and "Traceback" not in res.output
 
@@ -313,7 +325,7 @@ def test_cli_builtin_bench_writes_every_file(builtin_result, tmp_path):
     _, cache = builtin_result
     load_commands()
     out = tmp_path / "res"
-    res = CliRunner().invoke(app, ["bench", "--cache-dir", str(cache), "--out", str(out), "--detectors", "energy,msp,mahalanobis", "-q"])
+    res = CliRunner().invoke(app, ["bench", "--cache-dir", str(cache), "--output", str(out), "--detectors", "energy,msp,mahalanobis", "-q"])
     assert res.exit_code == 0, res.output
     for name in ("results.json", "results.csv", "scores.safetensors", "report.html"):
         assert (out / name).is_file(), name

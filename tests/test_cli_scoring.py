@@ -185,7 +185,8 @@ def test_evaluate_errors_are_one_line(score_files):
         (("evaluate", "--id", d / "empty.npy", *ood), ("empty.npy", "empty")),
         (("evaluate", "--id", d / "id.npy", "--ood", d / "nan.npy"), ("nan.npy", "non-finite")),
         (("evaluate", "--id", d / "two.npz", *ood), ("several arrays", "--key")),
-        (("evaluate", "--id", d / "id.npy", "--ood", d / "near.npy", "--key", "energy"), ("no array named 'energy'",)),
+        (("evaluate", "--id", f"{d / 'two.npz'}:nope", *ood), ("two.npz: no array named 'nope'", "energy, msp")),
+        (("evaluate", "--id", d / "two.npz", *ood, "--key", "nope"), ("two.npz: no array named 'nope'",)),
         (("evaluate", "--id", d / "id.npy", *ood, "--positive", "both"), ("--positive",)),
         (("evaluate", "--id", d / "id.npy", *ood, "--tpr", "1.5"), ("--tpr",)),
         (("evaluate", "--id", d / "id.npy", "--ood", f"a={d / 'near.npy'}", "--ood", f"a={d / 'far.npy'}"), ("given twice",)),
@@ -198,3 +199,42 @@ def test_evaluate_errors_are_one_line(score_files):
 def test_missing_required_option_is_a_usage_error(tmp_path):
     res = run("evaluate", "--ood", tmp_path / "x.npy")
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_evaluate_mixes_npy_and_npz_with_a_key_per_file(score_files):
+    from sklearn.metrics import roc_auc_score
+
+    d, id_s, _ = score_files
+    near = np.load(d / "near.npy")
+    np.savez(d / "id_all.npz", energy=id_s, msp=-id_s)
+    np.savez(d / "near_all.npz", energy=near, msp=-near)
+    expected = roc_auc_score(np.r_[np.zeros(len(id_s)), np.ones(len(near))], np.r_[id_s, near])
+    for args in (["--id", d / "id_all.npz", "--ood", f"near={d / 'near.npy'}", "--key", "energy"],  # --key skips the .npy
+                 ["--id", f"{d / 'id_all.npz'}:energy", "--ood", f"near={d / 'near.npy'}"],
+                 ["--id", d / "id.npy", "--ood", f"near={d / 'near_all.npz'}:energy", "--key", "msp"]):  # per file wins
+        res = run("evaluate", *args, "--json")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["sets"]["near"]["auroc"] == pytest.approx(expected, abs=1e-12)
+    res = run("evaluate", "--id", f"{d / 'id_all.npz'}:msp", "--ood", f"near={d / 'near_all.npz'}:msp", "--json")
+    assert json.loads(res.output)["sets"]["near"]["auroc"] == pytest.approx(1 - expected, abs=1e-12)
+
+
+def test_score_says_how_many_rows_of_logits_are_not_finite(tmp_path):
+    logits = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    logits[3, 1] = np.nan
+    logits[7, 0] = np.inf
+    logits[7, 2] = np.nan
+    logits[11, 3] = -np.inf
+    np.save(tmp_path / "l.npy", logits)
+    res = run("score", tmp_path / "l.npy", "-o", tmp_path / "s.npy")
+    assert res.exit_code == 0, res.output
+    assert f"ebood: warning: {tmp_path / 'l.npy'}: 3 of 20 rows of logits hold NaN or infinite values" in res.output
+    written = np.load(tmp_path / "s.npy")
+    assert np.isfinite(written).sum() >= 17 and np.isnan(written[3])
+    res = run("score", tmp_path / "l.npy", "-o", tmp_path / "t.npy", "--strict")
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [f"ebood: error: {tmp_path / 'l.npy'}: 3 of 20 rows of logits hold NaN or infinite values"]
+    assert not (tmp_path / "t.npy").exists()
+    np.save(tmp_path / "ok.npy", np.nan_to_num(logits, nan=0.0, posinf=1.0, neginf=-1.0))
+    res = run("score", tmp_path / "ok.npy", "-o", tmp_path / "u.npy", "--strict")
+    assert res.exit_code == 0 and "warning" not in res.output

@@ -90,7 +90,7 @@ def test_train_is_reproducible_from_the_seed(files, tmp_path):
 
 def test_finetune_cli_equals_the_library_call(files, pretrained, tmp_path):
     out = tmp_path / "ft.safetensors"
-    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--id", f"array:{files / 'train.npz'}",
+    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "--loss", "energy", "--m-in", -9, "--m-out", -2,
               "--weight", 0.2, "--epochs", 2, "--lr", 0.01, "--id-batch-size", 32, "--outlier-batch-size", 40,
               "--seed", 3, "--device", "cpu", "-o", out, "--no-progress")
@@ -109,7 +109,7 @@ def test_finetune_cli_equals_the_library_call(files, pretrained, tmp_path):
 
 def test_suggest_margins_option(files, pretrained, tmp_path):
     out = tmp_path / "ft.safetensors"
-    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--id", f"array:{files / 'train.npz'}",
+    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "--suggest-margins", "--m-out", -1.5, "--epochs", 1,
               "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
@@ -144,7 +144,7 @@ def test_preset_fills_the_recipe_and_explicit_options_win(files, tmp_path):
 
     out = tmp_path / "ft.safetensors"
     res = run("finetune", "--preset", "cifar10", "--model", "test_cli_training:tiny_cifar_net",
-              "--id", f"array:{files / 'train.npz'}", "--outliers", f"array:{files / 'outliers.npz'}",
+              "--data", f"array:{files / 'train.npz'}", "--outliers", f"array:{files / 'outliers.npz'}",
               "--epochs", 1, "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
     s = record(out)["settings"]
@@ -162,7 +162,7 @@ def test_preset_fills_the_recipe_and_explicit_options_win(files, tmp_path):
     assert (batch.amax(dim=(0, 2, 3)) > 1.5).all()  # normalised, not [0, 1]
     assert s["info"]["preset"] == "cifar10"
     res = run("finetune", "--preset", "cifar10", "--loss", "oe", "--no-augment", "--model",
-              "test_cli_training:tiny_cifar_net", "--id", f"array:{files / 'train.npz'}",
+              "test_cli_training:tiny_cifar_net", "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "--epochs", 1, "-o", out, "--no-progress")
     assert res.exit_code == 0, res.output
     s = record(out)["settings"]
@@ -170,7 +170,7 @@ def test_preset_fills_the_recipe_and_explicit_options_win(files, tmp_path):
 
 
 def test_checkpoint_dir_and_resume(files, pretrained, tmp_path):
-    common = ["--model", "digits_cnn", "--checkpoint", pretrained, "--id", f"array:{files / 'train.npz'}",
+    common = ["--model", "digits_cnn", "--checkpoint", pretrained, "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "--epochs", 2, "--m-in", -9, "--m-out", -2,
               "--no-progress"]
     res = run("finetune", *common, "--checkpoint-dir", tmp_path / "ck", "-o", tmp_path / "a.safetensors")
@@ -186,7 +186,7 @@ def test_checkpoint_dir_and_resume(files, pretrained, tmp_path):
 
 def test_non_finite_loss_is_a_one_line_error(files, pretrained, tmp_path):
     # a learning rate of 1e12 makes the weights, then the loss, overflow within a few steps
-    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--id", f"array:{files / 'train.npz'}",
+    res = run("finetune", "--model", "digits_cnn", "--checkpoint", pretrained, "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "--m-in", -9, "--m-out", -2, "--epochs", 3,
               "--lr", 1e12, "--checkpoint-dir", tmp_path / "ck", "-o", tmp_path / "x.safetensors", "--no-progress")
     assert_error(res, 2, "non-finite loss at step ", "(epoch 1, step ")
@@ -201,13 +201,13 @@ def test_interrupt_exits_130_naming_the_checkpoint(files, pretrained, tmp_path, 
                                               2, 5, None)
 
     monkeypatch.setattr(ebood.train, "finetune", interrupted)
-    res = run("finetune", "--model", "digits_cnn", "--id", f"array:{files / 'train.npz'}",
+    res = run("finetune", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}",
               "--outliers", f"array:{files / 'outliers.npz'}", "-o", tmp_path / "x.safetensors", "--no-progress")
     assert_error(res, 130, "last checkpoint: ck/epoch-001")
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--loss", "nope"], "unknown loss 'nope'"),
+    (["--loss", "nope"], "got 'nope'"),  # the list of losses comes from ebood.train.finetune.LOSSES
     (["--loss", "oe", "--m-in", "-3"], "apply to --loss energy only"),
     (["--preset", "imagenet"], "unknown fine-tuning preset 'imagenet'"),
     (["-o", "weights.pt"], "ending in .safetensors"),
@@ -216,7 +216,7 @@ def test_interrupt_exits_130_naming_the_checkpoint(files, pretrained, tmp_path, 
     (["--epochs", "0"], "epochs must be"),
 ])
 def test_bad_options_are_one_line_errors(files, tmp_path, args, fragment):
-    base = {"--model": "digits_cnn", "--id": f"array:{files / 'train.npz'}",
+    base = {"--model": "digits_cnn", "--data": f"array:{files / 'train.npz'}",
             "--outliers": f"array:{files / 'outliers.npz'}", "-o": str(tmp_path / "x.safetensors")}
     for flag in list(base):
         if flag in args:
@@ -227,9 +227,43 @@ def test_bad_options_are_one_line_errors(files, tmp_path, args, fragment):
 
 def test_finetune_needs_model_and_id_without_preset(files, tmp_path):
     assert_error(run("finetune", "--outliers", f"array:{files / 'outliers.npz'}", "-o", tmp_path / "x.safetensors"),
-                 2, "give --model and --id")
+                 2, "give --model and --data")
 
 
 def test_train_bad_data_spec(tmp_path):
     res = run("train", "--model", "digits_cnn", "--data", "nosuchkind:abc", "-o", tmp_path / "x.safetensors")
     assert_error(res, 2)
+
+
+def test_train_defaults_are_the_builtin_presets_recipe(tmp_path):
+    from ebood.train import get_preset
+
+    recipe = get_preset("builtin").pretrain  # the recipe the built-in benchmark trains DigitsCNN with
+    res = run("train", "--model", "digits_cnn", "--epochs", 1, "-o", tmp_path / "d.safetensors", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "with the builtin preset's recipe" in res.output
+    s = record(tmp_path / "d.safetensors")["settings"]
+    assert (s["optimizer"], s["lr"], s["id_batch_size"], s["weight_decay"]) == (
+        recipe.optimizer, recipe.lr, recipe.batch_size, recipe.weight_decay)
+    assert s["epochs"] == 1  # an option given explicitly wins
+    assert s["info"]["data"] == get_preset("builtin").id_data and s["info"]["preset"] == "builtin"
+    assert recipe.epochs < 100  # not train_classifier's 100-epoch CIFAR default
+
+
+def test_train_with_logitnorm_and_palm_losses(files, tmp_path):
+    out = tmp_path / "logitnorm.safetensors"
+    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 3, "--lr", 0.01,
+              "--optimizer", "adam", "--batch-size", 32, "--loss", "logitnorm", "--tau", 0.05, "-o", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert record(out)["settings"]["loss"] == {"loss": "logitnorm", "tau": 0.05}
+    out = tmp_path / "palm.safetensors"
+    res = run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--epochs", 2, "--lr", 0.01,
+              "--optimizer", "adam", "--batch-size", 64, "--loss", "palm", "--cache-size", 2, "--k", 1, "--feat-dim", 16,
+              "-o", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    s = record(out)["settings"]
+    assert s["kind"] == "palm" and s["loss"]["cache_size"] == 2 and s["loss"]["k"] == 1 and s["loss"]["feat_dim"] == 16
+    assert [e["epoch"] for e in record(out)["history"]] == [1, 2]
+    load_model("digits_cnn", out)
+    assert_error(run("train", "--model", "digits_cnn", "--data", f"array:{files / 'train.npz'}", "--loss", "hinge",
+                     "-o", tmp_path / "x.safetensors"), 2, "unknown loss 'hinge'")

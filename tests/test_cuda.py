@@ -37,7 +37,7 @@ def on_cuda(o: ebood.Outputs) -> ebood.Outputs:
 
 POST_HOC = [n for n in detectors.available() if "model" not in detectors.get(n).requires]
 #: the index modes are faiss-cpu structures: exact KNN is what runs on tensors of any device
-SMALL = {"dim": 8, "k": 5}
+SMALL = {"dim": 8, "k": 5, "epochs": 5, "n_components": 2}
 
 
 def make(name: str) -> detectors.Detector:

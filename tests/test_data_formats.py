@@ -225,7 +225,7 @@ def test_mnist_label_count_mismatch(tmp_path):
 
 
 def test_mnist_missing_lists_plain_and_gz(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"mnist/train-images-idx3-ubyte\[\.gz\].*train-labels-idx1-ubyte"):
+    with pytest.raises(DatasetNotFoundError, match=r"train-images-idx3-ubyte\[\.gz\] and train-labels-idx1-ubyte\[\.gz\]"):
         open_dataset("mnist:train", root=tmp_path)
 
 

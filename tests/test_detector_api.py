@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import ebood
 from ebood import detectors
 from ebood.cli import app, load_commands
-from ebood.detectors import MissingFieldError
+from ebood.detectors import MissingFieldError, create
 from ebood.state import StateError, load_state, save_state
 
 
@@ -26,7 +26,7 @@ def is_model_level(cls) -> bool:
 NAMES = [n for n in detectors.available() if not is_model_level(detectors.get(n))]
 STREAMING = [n for n in NAMES if detectors.get(n).streaming]
 #: hyperparameters that the small test data needs (applied only where the detector has them)
-SMALL_DATA_PARAMS = {"dim": 8, "k": 5}
+SMALL_DATA_PARAMS = {"dim": 8, "k": 5, "epochs": 5, "n_components": 2}
 
 C, D = 4, 48
 
@@ -241,8 +241,13 @@ def test_missing_field_is_named(name, fitted):
     for field in set(cls.requires + cls.fit_requires):
         with pytest.raises(MissingFieldError, match=f"Outputs.{field}"):
             make(name).fit(without(TRAIN, field))
-    with pytest.raises(TypeError, match="ebood.Outputs"):
-        fitted[name].score(TEST.logits)
+    if cls.requires in (("logits",), ("features",)):  # one input kind: the bare tensor is that input
+        bare = TEST.logits if cls.requires == ("logits",) else TEST.feature()
+        wrapped = ebood.Outputs(**{cls.requires[0]: bare})
+        torch.testing.assert_close(fitted[name].score(bare), fitted[name].score(wrapped))
+    else:
+        with pytest.raises(TypeError, match="ebood.Outputs"):
+            fitted[name].score(TEST.logits)
 
 
 # ----- streaming fit and merge -------------------------------------------------------------------
@@ -383,3 +388,48 @@ def test_cli_fit_prints_warnings_as_one_line(tmp_path):
     warning_lines = [line for line in res.output.splitlines() if line.startswith("ebood: warning")]
     assert "RuntimeWarning" not in res.output
     assert warning_lines == ["ebood: warning: kl_matching: no training sample is predicted as class(es) [2]; they get no template"]
+
+
+# ----- a bare tensor for detectors that need one input kind; a short repr(Outputs) ---------------
+def test_score_accepts_bare_logits_and_matches_the_formula():
+    import numpy as np
+    from scipy.special import logsumexp
+
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    got = create("energy").score(logits)
+    expected = -logsumexp(logits.double().numpy(), axis=1)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(create("energy").score(logits.numpy()), got)  # a numpy array too
+
+
+def test_fit_and_score_accept_bare_features_for_feature_only_detectors():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(80, 5, generator=g), torch.randn(20, 5, generator=g)
+    knn = create("knn", k=3).fit(train)
+    # brute force: distance to the 3rd nearest L2-normalised training feature, negated similarity order
+    a = torch.nn.functional.normalize(test.double(), dim=1).numpy()
+    b = torch.nn.functional.normalize(train.double(), dim=1).numpy()
+    kth = np.sort(np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2), axis=1)[:, 2]
+    np.testing.assert_allclose(knn.score(test).double().numpy(), kth, rtol=1e-4, atol=1e-5)
+    det = create("knn", k=3).fit(ebood.Outputs(features=train))
+    assert torch.allclose(det.score(test), knn.score(ebood.Outputs(features=test)))
+
+
+def test_bare_tensor_refused_where_the_detector_needs_several_inputs():
+    feats = torch.randn(30, 4)
+    with pytest.raises(TypeError, match=r"needs Outputs.features and Outputs.head to fit.*ebood.Outputs\(features=..., head=...\)"):
+        create("vim").fit(feats)
+    with pytest.raises(TypeError, match=r"needs Outputs.features and Outputs.labels to fit"):
+        create("mahalanobis").fit(feats)
+
+
+def test_outputs_repr_shows_shapes_and_dtypes_only():
+    n = 360
+    out = ebood.Outputs(logits=torch.randn(n, 10), features={"conv": torch.randn(n, 4), "fc": torch.randn(n, 64)},
+                        labels=torch.arange(n) % 10, head=ebood.Head(torch.randn(10, 64)))
+    text = repr(out)
+    assert text == ("Outputs(n=360, logits=float32[360, 10], features={'conv': float32[360, 4], 'fc': float32[360, 64]}, "
+                    "labels=int64[360], head=Head(weight=float32[10, 64], bias=float32[10]))")
+    assert repr(ebood.Outputs(logits=torch.zeros(2, 3, dtype=torch.float64))) == "Outputs(n=2, logits=float64[2, 3])"

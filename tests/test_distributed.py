@@ -27,7 +27,7 @@ from ebood import detectors, metrics  # noqa: E402
 
 dist = pytest.importorskip("ebood.distributed")
 
-STREAMING = ["dice", "fdbd", "kl_matching", "knn", "mahalanobis", "nnguide", "relative_mahalanobis", "residual", "she", "vim"]
+STREAMING = ["dice", "fdbd", "kl_matching", "knn", "mahalanobis", "nnguide", "relative_mahalanobis", "relu", "residual", "she", "vim"]
 SMALL = {"vim": {"dim": 4}, "residual": {"dim": 4}, "knn": {"k": 5}, "nnguide": {"k": 7}}
 N_FILES, ROWS, D, C = 5, 120, 8, 4
 
@@ -516,7 +516,7 @@ def test_cli_fit_and_score_on_ray(train_dir, test_dir, tmp_path):
     r = run_cli("fit", "knn", str(train_dir), "-o", str(tmp_path / "knn.safetensors"), "-p", "k=5", "--ray", "local")
     assert r.exit_code == 0, r.output
     np.testing.assert_allclose(scores_of(ebood.load(tmp_path / "knn.safetensors")), scores_of(single("knn")), rtol=1e-12)
-    r = run_cli("score", str(test_dir), "-o", str(tmp_path / "s"), "-d", str(tmp_path / "vim.safetensors"), "--head", str(tmp_path / "head.npz"), "--ray", "local")
+    r = run_cli("score", str(test_dir), "-o", str(tmp_path / "s"), "--detector", str(tmp_path / "vim.safetensors"), "--head", str(tmp_path / "head.npz"), "--ray", "local")
     assert r.exit_code == 0, r.output
     table = read_dir(tmp_path / "s")
     assert table.column_names == ["id", "labels", "vim"]

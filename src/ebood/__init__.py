@@ -2,8 +2,8 @@
 
 Layers, each using only the ones before it in this list:
 ``scores`` / ``metrics`` (pure functions) -> ``outputs`` (what a model produced) -> ``detectors``
-(fit / score objects) -> ``extraction`` (running a model once: ``ebood.extract``) -> ``bench`` (benchmark runner) ->
-``report`` and ``cli``.
+(fit / score objects) -> ``extraction`` (running a model once: ``ebood.extract``) -> ``bench`` (benchmark runner) and ``deploy``
+(``ebood.wrap``: model + detector as one exportable module) -> ``report`` and ``cli``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from . import metrics, scores  # noqa: E402
 from .outputs import Head, Outputs  # noqa: E402
 from .detectors import load  # noqa: E402
 
-__all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors"]
+__all__ = ["__version__", "scores", "metrics", "Head", "Outputs", "load", "extract", "evaluate_detectors", "wrap"]
 
-_LAZY_FUNCTIONS = {"extract": "extraction", "evaluate_detectors": "evaluation"}
-_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed")
+_LAZY_FUNCTIONS = {"extract": "extraction", "evaluate_detectors": "evaluation", "wrap": "deploy"}
+_LAZY_MODULES = ("detectors", "data", "models", "train", "bench", "report", "io", "extraction", "evaluation", "distributed", "deploy", "selective")
 
 
 def __getattr__(name: str) -> Any:

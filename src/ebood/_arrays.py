@@ -74,3 +74,23 @@ def as_scores_1d(x: Any, name: str) -> np.ndarray:
             f"first at index {int(bad[0])}; metrics need finite scores"
         )
     return a
+
+
+def as_correct(correct: Any, n: int, name: str = "correct") -> np.ndarray:
+    """``correct`` as a 1-D bool numpy array of length ``n`` (bool, or numbers that are all 0 / 1)."""
+    if isinstance(correct, torch.Tensor):
+        correct = correct.detach().to("cpu").numpy()
+    a = np.asarray(correct)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one flag per sample), got shape {tuple(a.shape)}")
+    if a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries but scores has {n}: one flag per score is needed")
+    if a.dtype == np.bool_:
+        return a
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be boolean (True = the prediction was right), got dtype {a.dtype}")
+    valid = (a == 0) | (a == 1)
+    if not valid.all():
+        i = int(np.flatnonzero(~valid)[0])
+        raise ValueError(f"{name} must be boolean or 0/1, got {a[i]!r} at index {i}")
+    return a != 0

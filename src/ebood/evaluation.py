@@ -57,9 +57,12 @@ class EvaluationResult:
     * ``detectors[label]``: the fitted detectors (labels are names, with hyperparameters
       appended when one name appears twice).
     * ``id_accuracy``: top-1 accuracy of the logits on the labelled ID test samples (or ``None``).
+    * ``id_correct``: whether each ID test prediction (``argmax`` of the logits) was right, a bool
+      tensor (``None`` without labels, or when some are unknown): the input of the failure metrics.
     * ``timings``: seconds spent in ``extraction``, ``fitting``, ``scoring`` and in ``total``.
     * ``outputs``: the extracted outputs per dataset (``"id_train"``, ``"id_test"``, OOD sets),
       kept when ``keep_outputs`` is true.
+    * ``fit_seconds[detector]``: wall-clock seconds of each detector's fit (those that were fitted).
     """
 
     metrics: dict[str, dict[str, dict[str, float]]]
@@ -70,6 +73,8 @@ class EvaluationResult:
     outputs: dict[str, Outputs] = field(default_factory=dict, repr=False)
     tpr: float = 0.95
     positive: str = "id"
+    fit_seconds: dict[str, float] = field(default_factory=dict)
+    id_correct: torch.Tensor | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per (detector, OOD set): ``detector``, ``ood_set`` and the four metrics."""
@@ -141,6 +146,7 @@ class _Clock:
         self.extraction = 0.0
         self.fitting = 0.0
         self.scoring = 0.0
+        self.per_detector: dict[str, float] = {}
 
 
 def _penultimate_only(out: Outputs) -> Outputs:
@@ -157,6 +163,12 @@ def _accuracy(out: Outputs) -> float | None:
     if not bool(keep.any()):
         return None
     return float((out.logits[keep].argmax(dim=1) == out.labels[keep]).double().mean())
+
+
+def _correct(out: Outputs) -> torch.Tensor | None:
+    if out.labels is None or out.logits is None or not bool((out.labels >= 0).all()):
+        return None
+    return (out.logits.argmax(dim=1) == out.labels).cpu()
 
 
 def _set_metrics(label: str, name: str, per_set: Mapping[str, torch.Tensor], tpr: float, positive: str) -> dict[str, float]:
@@ -255,7 +267,8 @@ def evaluate_detectors(
     table = {label: {name: _set_metrics(label, name, per_set, tpr, positive) for name in ood_sets} for label, per_set in raw.items()}
     timings = {"extraction": clock.extraction, "fitting": clock.fitting, "scoring": clock.scoring, "total": time.perf_counter() - start}
     return EvaluationResult(metrics=table, scores=raw, detectors=dets, id_accuracy=_accuracy(id_outputs) if id_outputs is not None else None,
-                            timings=timings, outputs=kept, tpr=tpr, positive=positive)
+                            timings=timings, outputs=kept, tpr=tpr, positive=positive, fit_seconds=dict(clock.per_detector),
+                            id_correct=_correct(id_outputs) if id_outputs is not None else None)
 
 
 def _extract_train(model: nn.Module, id_train: Any, model_level: dict[str, Detector], layers: Sequence[str] | None, clock: _Clock,
@@ -275,12 +288,15 @@ def _fit_all(model: nn.Module, train: Outputs, id_train: Any, id_val: Any, ood_v
              model_level: dict[str, Detector], layers: Sequence[str] | None, clock: _Clock, batch_size: int | None, output: Any) -> None:
     t0 = time.perf_counter()
     fit_view = train if layers is not None else _penultimate_only(train)
-    for det in post_hoc.values():
+    for label, det in post_hoc.items():
         if det.needs_fit:
+            t = time.perf_counter()
             det.fit(fit_view)
-    for det in model_level.values():
+            clock.per_detector[label] = time.perf_counter() - t
+    for label, det in model_level.items():
         if not det.needs_fit:
             continue
+        t = time.perf_counter()
         wanted = det.fit_layers(model)  # type: ignore[attr-defined]
         if wanted is not None:
             det.fit_outputs(train, layers=wanted)  # type: ignore[attr-defined]
@@ -288,6 +304,7 @@ def _fit_all(model: nn.Module, train: Outputs, id_train: Any, id_val: Any, ood_v
             det.fit_inputs(model, id_train, batch_size=batch_size, output=output)  # type: ignore[attr-defined]
         if id_val is not None and ood_val is not None and hasattr(det, "fit_validation"):
             det.fit_validation(model, id_val, ood_val, batch_size=batch_size, output=output)
+        clock.per_detector[label] = time.perf_counter() - t
     clock.fitting += time.perf_counter() - t0
 
 

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
 from .io import FileWriteError
 from .outputs import Head, Outputs
@@ -143,6 +143,9 @@ def as_loader(data: Any, batch_size: int | None = None, num_workers: int = 0, pi
     if isinstance(data, (IterableDataset,)) or _is_map_style(data):
         if _is_map_style(data) and len(data) == 0:
             raise ExtractionError("data is empty: the dataset has 0 samples")
+        if getattr(data, "batch_indexing", False):  # in-memory tensors: one slice per batch, no per-sample stacking
+            batches = BatchSampler(SequentialSampler(data), batch_size or DEFAULT_BATCH_SIZE, drop_last=False)
+            return DataLoader(data, sampler=batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
         return data

@@ -61,6 +61,16 @@ class Head:
     def to(self, *args: Any, **kwargs: Any) -> "Head":
         return Head(self.weight.to(*args, **kwargs), self.bias.to(*args, **kwargs))
 
+    def __repr__(self) -> str:
+        return f"Head(weight={_describe(self.weight)}, bias={_describe(self.bias)})"
+
+
+def _describe(t: torch.Tensor) -> str:
+    """``float32[360, 10]`` (plus the device when it is not the CPU)."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    where = "" if t.device.type == "cpu" else f" on {t.device}"
+    return f"{dtype}[{', '.join(map(str, t.shape))}]{where}"
+
 
 def _as_features(features: Any) -> torch.Tensor | dict[str, torch.Tensor] | None:
     if features is None:
@@ -153,6 +163,21 @@ class Outputs:
 
     def __len__(self) -> int:
         return self._n
+
+    def __repr__(self) -> str:
+        # shapes and dtypes only: printing the tensors of a whole data set helps nobody
+        parts = [f"n={self._n}"]
+        if self.logits is not None:
+            parts.append(f"logits={_describe(self.logits)}")
+        if isinstance(self.features, dict):
+            parts.append("features={" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in self.features.items()) + "}")
+        elif self.features is not None:
+            parts.append(f"features={_describe(self.features)}")
+        if self.labels is not None:
+            parts.append(f"labels={_describe(self.labels)}")
+        if self.head is not None:
+            parts.append(f"head={self.head!r}")
+        return f"Outputs({', '.join(parts)})"
 
     def has(self, name: str) -> bool:
         return getattr(self, name) is not None

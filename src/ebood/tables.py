@@ -8,12 +8,15 @@ from typing import Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["metrics_table", "print_table", "percent", "metric_label", "best_mask", "LOWER_IS_BETTER"]
+__all__ = ["metrics_table", "failure_table", "print_table", "percent", "metric_label", "best_mask", "LOWER_IS_BETTER", "FAILURE_COLUMNS"]
 
 COLUMNS = (("fpr95", "FPR{tpr}"), ("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"))
 
 #: metrics where a lower value is better (the others: higher is better)
-LOWER_IS_BETTER = frozenset({"fpr95"})
+LOWER_IS_BETTER = frozenset({"fpr95", "aurc", "e_aurc", "failure_aurc"})
+
+#: failure detection / selective prediction columns (ebood.metrics.misclassification, aurc, e_aurc)
+FAILURE_COLUMNS = (("auroc", "AUROC ↑"), ("fpr95", "FPR95 ↓"), ("aupr", "AUPR ↑"), ("aurc", "AURC ↓"), ("e_aurc", "E-AURC ↓"))
 
 
 def percent(x: float) -> str:
@@ -58,6 +61,18 @@ def metrics_table(
     if mean is not None:
         table.add_section()
         table.add_row("mean", *(percent(mean[k]) for k, _ in COLUMNS), style="bold")
+    return table
+
+
+def failure_table(rows: Mapping[str, Mapping[str, float]], *, title: str | None = None, first_column: str = "task") -> Table:
+    """One row per task (misclassification on ID, failure on ID + an OOD set): AUROC / FPR95 / AUPR
+    with the correct predictions as the positive class, AURC and E-AURC, in percent (missing: a dash)."""
+    table = Table(title=title, show_lines=False)
+    table.add_column(first_column)
+    for _, label in FAILURE_COLUMNS:
+        table.add_column(label, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(percent(row.get(k, math.nan)) for k, _ in FAILURE_COLUMNS))
     return table
 
 

@@ -71,11 +71,21 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """A detector with fixed hyperparameters, or a grid to select from on validation OOD data."""
+    """A detector with fixed hyperparameters, or a grid to select from on validation OOD data.
+
+    ``label``: the name of its rows (default: ``name``), to set two variants of one detector side by
+    side, e.g. ``DetectorSpec("msma", {"on": "inputs"}, label="msma_inputs")``.
+    """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        """The name of the detector's rows: ``label`` or, without one, ``name``."""
+        return self.label or self.name
 
     def candidates(self) -> list[dict[str, Any]]:
         """Every hyperparameter setting to try (one when there is no grid)."""

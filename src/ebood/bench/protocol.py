@@ -24,7 +24,7 @@ from ..data import open_dataset
 from ..extraction import model_fingerprint
 from ..models import load_model
 from ..train import EnergyBoundedLoss, OutlierExposureLoss, finetune, train_classifier
-from .builtin import _cached_model, _key, default_cache_dir
+from .suite import cache_key, cached_model, default_cache_dir
 from .config import BenchConfig, ConfigError, DetectorSpec
 from .results import BenchResult, describe_device
 from .runner import OODSet, default_detectors, evaluate_model, id_accuracy_warning
@@ -57,8 +57,8 @@ def _model(config: BenchConfig, checkpoint: str | Path | None, id_train: Any, ca
         return load_model(config.model.spec, ckpt, **kwargs).eval()
     if not isinstance(train, dict):
         raise ConfigError("[model.train]: expected a table of train_classifier settings (epochs, lr, optimizer, batch_size)")
-    key = _key("config-model", config.model.spec, kwargs, train, getattr(id_train, "fingerprint", None), config.seed)
-    model, secs = _cached_model(cache, key, lambda: load_model(config.model.spec, None, **kwargs),
+    key = cache_key("config-model", config.model.spec, kwargs, train, getattr(id_train, "fingerprint", None), config.seed)
+    model, secs = cached_model(cache, key, lambda: load_model(config.model.spec, None, **kwargs),
                                 lambda m: train_classifier(m, id_train, seed=config.seed, progress=progress, **train), log,
                                 f"{config.model.spec} (trained from scratch)", seed=config.seed)
     result.timings["training"] += secs
@@ -80,7 +80,7 @@ def _finetuned(config: BenchConfig, base: nn.Module, id_train: Any, outliers: An
             model.load_state_dict(base.state_dict())
             return finetune(model, id_train, outliers, loss, seed=config.seed, progress=progress, **settings)
 
-        model, secs = _cached_model(cache, _key(name, base_key, params, settings, getattr(id_train, "fingerprint", None),
+        model, secs = cached_model(cache, cache_key(name, base_key, params, settings, getattr(id_train, "fingerprint", None),
                                                 getattr(outliers, "fingerprint", None), config.seed),
                                     lambda: copy.deepcopy(base), run, log, name, seed=config.seed)
         result.timings["training"] += secs

@@ -2,7 +2,8 @@
 
 A results directory holds ``results.json`` (config, versions, device, seed, timings, models, OOD
 sets and the flat ``rows``), ``results.csv`` (the rows), ``scores.safetensors`` (raw float32 scores
-keyed ``"{model}/{detector}/{set}"``, set = OOD set name or ``"id_test"``) and ``report.html``.
+keyed ``"{model}/{detector}/{set}"``, set = OOD set name or ``"id_test"``, and ``"{model}/id_correct"``,
+1 where the ID test prediction was right) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from safetensors.torch import save
 from .. import __version__
 from ..io import FileWriteError, atomic_write_bytes, atomic_write_text
 
-__all__ = ["BenchResult", "ROW_FIELDS", "versions"]
+__all__ = ["BenchResult", "ROW_FIELDS", "FAILURE_FIELDS", "versions"]
 
 ROW_FIELDS = ("model", "detector", "ood_set", "group", "fpr95", "auroc", "aupr_in", "aupr_out")
+#: failure detection (docs/failure.md), where the ID test labels are known: misclassification AUROC
+#: and AURC on ID (the same on every row of a detector), and AURC over ID + this set, OOD = failure
+FAILURE_FIELDS = ("misclf_auroc", "aurc", "failure_aurc")
 
 
 def versions() -> dict[str, str]:
@@ -105,7 +109,7 @@ class BenchResult:
         scores = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}
         atomic_write_bytes(out / "scores.safetensors", save(scores))
         table = StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
+        writer = csv.DictWriter(table, fieldnames=list(ROW_FIELDS + FAILURE_FIELDS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(out / "results.csv", table.getvalue())

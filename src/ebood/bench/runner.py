@@ -24,9 +24,12 @@ from .config import DetectorSpec
 from .results import BenchResult
 
 __all__ = ["OODSet", "evaluate_model", "default_detectors", "candidate_label", "subsampled_metrics",
-           "id_accuracy_warning", "ACCURACY_MARGIN"]
+           "id_accuracy_warning", "ACCURACY_MARGIN", "failure_metrics", "CORRECT_KEY"]
 
 VALIDATION_PREFIX = "val:"
+#: scores.safetensors key of a model's ID test correctness (1 = right), read back by the report's
+#: risk-coverage curves (ebood.report.results.correct_key)
+CORRECT_KEY = "{model}/id_correct"
 
 #: how far (in accuracy, as a fraction) a model may fall below the benchmark's expected ID accuracy
 #: before the run warns: OOD numbers of a model that does not classify its own data mean little
@@ -77,8 +80,8 @@ def id_accuracy_warning(model_name: str, accuracy: float | None, *, expected: fl
 def candidate_label(spec: DetectorSpec, params: Mapping[str, Any]) -> str:
     """The label of one grid candidate, e.g. ``react[percentile=85]`` (the name when no grid)."""
     if not spec.grid:
-        return spec.name
-    return spec.name + "[" + ",".join(f"{k}={params[k]}" for k in spec.grid) + "]"
+        return spec.title
+    return spec.title + "[" + ",".join(f"{k}={params[k]}" for k in spec.grid) + "]"
 
 
 def subsampled_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor, *, samples: int | None, repeats: int,
@@ -94,6 +97,17 @@ def subsampled_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor, *, sam
     runs = [_metrics.evaluate(id_scores, ood[rng.choice(ood.size, samples, replace=False)], tpr=tpr, positive=positive)
             for _ in range(repeats)]
     return {k: float(np.mean([r[k] for r in runs])) for k in _metrics.METRIC_NAMES}
+
+
+def failure_metrics(id_scores: torch.Tensor, correct: torch.Tensor | None, ood_scores: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per OOD set: ``misclf_auroc`` and ``aurc`` of the ID test predictions (the same for every set)
+    and ``failure_aurc`` over ID + that set with OOD counted as failures; ``{}`` when the ID
+    correctness is unknown or has a single class."""
+    if correct is None or bool(correct.all()) or not bool(correct.any()):
+        return {}
+    ok = correct.numpy()
+    on_id = {"misclf_auroc": _metrics.misclassification(id_scores, ok)["auroc"], "aurc": _metrics.aurc(id_scores, ok)}
+    return {name: {**on_id, "failure_aurc": _metrics.failure(id_scores, ok, s)["aurc"]} for name, s in ood_scores.items()}
 
 
 def _select(spec: DetectorSpec, scores: Mapping[str, Mapping[str, torch.Tensor]], val_sets: Sequence[str],
@@ -171,21 +185,28 @@ def evaluate_model(
     result.add_timings(evaluation.timings)
     labels = list(evaluation.scores)
     scores = dict(zip([label for label, _ in instances], (evaluation.scores[k] for k in labels)))
-    result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description}
+    fit_seconds = {label: round(evaluation.fit_seconds[k], 3) for label, k in zip([label for label, _ in instances], labels)
+                   if k in evaluation.fit_seconds}
+    result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description, "fit_seconds": fit_seconds}
+    if evaluation.id_correct is not None:
+        result.scores[CORRECT_KEY.format(model=model_name)] = evaluation.id_correct.to(torch.float32)
     val_names = [VALIDATION_PREFIX + v for v in ood_validation] if has_grid else []
     for spec in detectors:
         params = _select(spec, scores, val_names, evaluation.tpr, result.positive) if len(spec.candidates()) > 1 else spec.candidates()[0]
         if spec.grid:
-            result.selected[f"{model_name}/{spec.name}"] = {k: params[k] for k in spec.grid}
+            result.selected[f"{model_name}/{spec.title}"] = {k: params[k] for k in spec.grid}
         per_set = scores[candidate_label(spec, params)]
-        result.scores[f"{model_name}/{spec.name}/id_test"] = per_set["id_test"]
-        if not _finite(spec.name, "id_test", per_set["id_test"]):
+        result.scores[f"{model_name}/{spec.title}/id_test"] = per_set["id_test"]
+        if not _finite(spec.title, "id_test", per_set["id_test"]):
             continue
+        finite_sets = {n: per_set[n] for n in ood_sets if bool(torch.isfinite(per_set[n]).all())}
+        failure = failure_metrics(per_set["id_test"], evaluation.id_correct, finite_sets)
         for set_name, ood in ood_sets.items():
             s = per_set[set_name]
-            result.scores[f"{model_name}/{spec.name}/{set_name}"] = s
-            if not _finite(spec.name, set_name, s):
+            result.scores[f"{model_name}/{spec.title}/{set_name}"] = s
+            if not _finite(spec.title, set_name, s):
                 continue
             m = subsampled_metrics(per_set["id_test"], s, samples=ood_samples, repeats=repeats, seed=seed,
                                    tpr=evaluation.tpr, positive=result.positive)
-            result.rows.append({"model": model_name, "detector": spec.name, "ood_set": set_name, "group": ood.group, **m})
+            result.rows.append({"model": model_name, "detector": spec.title, "ood_set": set_name, "group": ood.group, **m,
+                                **failure.get(set_name, {})})

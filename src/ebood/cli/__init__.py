@@ -2,9 +2,11 @@
 
 * ``scoring``: ``score``, ``evaluate``
 * ``detecting``: ``fit``, ``detectors``
+* ``calibrating``: ``calibrate``
 * ``models``: ``extract``
 * ``training``: ``train``, ``finetune``
 * ``benchmarking``: ``bench``, ``report``
+* ``deploying``: ``export``, ``serve``
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ._app import app, main
 
 __all__ = ["app", "main", "load_commands"]
 
-_MODULES = ("scoring", "detecting", "models", "training", "benchmarking")
+_MODULES = ("scoring", "detecting", "calibrating", "models", "training", "benchmarking", "deploying")
 
 
 def load_commands() -> None:

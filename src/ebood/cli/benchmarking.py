@@ -6,23 +6,31 @@ directory and its report) registers here as well.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import typer
 
+from ..bench.presets import available_presets
+from ..detectors import available as available_detectors
+from ..report import write_report
 from ._app import app, command, fail  # noqa: F401
+from ._help import check_choice, one_of
+
+#: The report's figure modes, read from write_report's signature so the help cannot drift from it.
+FIGURE_MODES: tuple[str, ...] = typing.get_args(typing.get_type_hints(write_report)["figures"])
+_FIGURES_HELP = ("Report figures (histograms and ROC curves): " + one_of(FIGURE_MODES) + ". auto: every detector of "
+                 "the pre-trained model, the main scores of the fine-tuned ones; all: every model and detector.")
 
 
-@command("report")
+@command("report", renamed={"--all-figures": ["--figures", "all"]})
 def report_command(
     results_dir: Path = typer.Argument(..., help="A results directory written by `ebood bench` (results.json, scores.safetensors)."),
-    all_figures: bool = typer.Option(False, "--all-figures", help="Draw histograms and ROC curves for every model and detector (default: every detector of the pre-trained model, the main scores of the fine-tuned ones)."),
+    figures: str = typer.Option("auto", "--figures", help=_FIGURES_HELP),
 ) -> None:
     """Render RESULTS_DIR/report.html again from results.json and scores.safetensors; print its path."""
-    from ..report import write_report
-
-    path = write_report(results_dir, figures="all" if all_figures else "auto")
+    path = write_report(results_dir, figures=check_choice(figures, FIGURE_MODES, "--figures"))  # type: ignore[arg-type]
     typer.echo(str(path))
 
 
@@ -39,23 +47,23 @@ def _detector_specs(names: str | None) -> list | None:
     return specs
 
 
-@command("bench")
+@command("bench", renamed={"--out": ["--output"]})
 def bench_command(
-    benchmark: str = typer.Argument(None, help="A preset name (see --list-presets) or a benchmark TOML file. Omit it for the built-in offline benchmark."),
-    out: Path = typer.Option(None, "--out", "-o", help="Results directory (default: ebood-results/, or the config's output)."),
+    benchmark: str = typer.Argument(None, help="fashion-mnist (real images, see docs/benchmarks.md), a preset (" + ", ".join(available_presets()) + ") or a benchmark TOML file. Omit it for the built-in offline benchmark."),
+    out: Path = typer.Option(None, "--output", "-o", help="Results directory (default: ebood-results/, or the config's output)."),
     root: Path = typer.Option(None, "--root", help="Folder holding the real data sets in their official formats (default: $EBOOD_DATA)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Trained weights for the config's model (.safetensors or .pt)."),
     outliers: str = typer.Option(None, "--outliers", help="Dataset spec of auxiliary outliers for the fine-tuned models."),
-    detectors: str = typer.Option(None, "--detectors", help="Comma-separated detector names (default: the benchmark's, or every registered one)."),
+    detectors: str = typer.Option(None, "--detectors", help="Comma-separated detector names among " + ", ".join(available_detectors()) + " (default: the benchmark's, or every registered one)."),
     seed: int = typer.Option(None, "--seed", help="Seed (default: 0, or the config's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where trained models and extracted outputs are cached (default: $EBOOD_CACHE or ~/.cache/ebood)."),
-    figures: str = typer.Option("auto", "--figures", help="Report figures: auto, all or none."),
+    figures: str = typer.Option("auto", "--figures", help=_FIGURES_HELP),
     no_report: bool = typer.Option(False, "--no-report", help="Write results.json/csv and scores only, no report.html."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the shipped presets and exit."),
     show_preset: str = typer.Option(None, "--show-preset", help="Print a preset's TOML (a starting point for your own) and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the table."),
 ) -> None:
-    """Run a benchmark: the built-in one (no argument), a preset, or a TOML file; print the table, write results and report."""
+    """Run a benchmark: the built-in one (no argument), fashion-mnist, a preset, or a TOML file; print the table, write results and report."""
     import json
     import time
     import warnings
@@ -70,8 +78,7 @@ def bench_command(
     if show_preset:
         typer.echo(preset_path(show_preset).read_text(), nl=False)
         return
-    if figures not in ("auto", "all", "none"):
-        fail(f"--figures must be auto, all or none, got {figures!r}")
+    check_choice(figures, FIGURE_MODES, "--figures")
     if out is not None:
         from ..io import check_writable
 
@@ -87,8 +94,6 @@ def bench_command(
     for message in dict.fromkeys(str(w.message) for w in caught):
         log(f"[yellow]warning:[/] {message}")
     result.save(out_dir)
-    from ..report import write_report
-
     _print_table(json.loads((out_dir / "results.json").read_text()))
     if not no_report:
         t = time.perf_counter()
@@ -103,7 +108,7 @@ def _print_table(results: dict) -> None:
     not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report.terminal import fit_results, summary_notes
+    from ..report.terminal import failure_results_table, fit_results, summary_notes
 
     console = Console()
     if not console.is_terminal:
@@ -112,6 +117,9 @@ def _print_table(results: dict) -> None:
     console.print(renderable)
     if layout != "per-set":
         console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
+    failure = failure_results_table(results)
+    if failure is not None:
+        console.print(failure)
     for note in summary_notes(results):
         console.print(note, markup=False, highlight=False)
 
@@ -128,6 +136,13 @@ def _run(benchmark: str | None, out: Path | None, root: Path | None, checkpoint:
             fail("--root, --checkpoint and --outliers apply to presets and TOML benchmarks, not to the built-in one")
         result = run_builtin(seed=seed or 0, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
         return result, out or Path("ebood-results")
+    if benchmark == "fashion-mnist":
+        from ..bench.fashion_mnist import run_fashion_mnist
+
+        if checkpoint or outliers:
+            fail("--checkpoint and --outliers apply to presets and TOML benchmarks, not to fashion-mnist (ebood trains its models)")
+        result = run_fashion_mnist(seed=seed or 0, root=root, cache_dir=cache_dir, detectors=chosen, progress=progress, log=log)
+        return result, out or Path("ebood-results") / "fashion-mnist"
     from ..bench.config import load_config
     from ..bench.presets import preset_path
     from ..bench.protocol import run_config

@@ -11,7 +11,9 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from ._app import app, command, fail  # noqa: F401
+from ..detectors import available
+from ._app import app, command, echo_warnings, fail  # noqa: F401
+from ._help import RAY_INSTALL, one_of
 
 TRAIN_FILE_HELP = (
     "Training outputs: named arrays logits (N, C), features (N, D) or features/<layer>, labels (N,), "
@@ -118,7 +120,7 @@ def missing_field_message(exc: Exception, path: Path, head: Optional[Path]) -> s
 
 @command("fit")
 def fit_command(
-    detector: str = typer.Argument(..., help="Detector name (`ebood detectors` lists them)."),
+    detector: str = typer.Argument(..., help="Detector name: " + one_of(available()) + " (`ebood detectors` says what each needs)."),
     train_file: Path = typer.Argument(..., help=TRAIN_FILE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Where to save the fitted detector (safetensors + JSON header)."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyperparameter KEY=VALUE (repeatable), e.g. -p percentile=90 -p variant=b."),
@@ -126,9 +128,10 @@ def fit_command(
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="ID validation outputs: set the detector's threshold (then `ebood score --predict` flags OOD)."),
     tpr: float = typer.Option(0.95, "--tpr", help="Share of ID validation samples kept by the threshold (with --calibrate)."),
     ray: Optional[str] = typer.Option(None, "--ray", help=(
-        "Fit on Ray (pip install 'ebood\\[ray]'): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
+        "Fit on Ray (" + RAY_INSTALL + "): TRAIN_FILE is Parquet file(s) or a directory of them; partial fits "
         "are merged in a tree (detectors whose fit is a sum over samples). ADDRESS: auto, ray://HOST:10001, or local."
     )),
+    verbose: bool = typer.Option(False, "--verbose", help="With --ray: show Ray's and Ray Data's log lines and other libraries' deprecation warnings."),
 ) -> None:
     """Fit a detector on in-distribution training outputs and save it for `ebood score --detector`."""
     from ..detectors import MissingFieldError, create
@@ -142,6 +145,7 @@ def fit_command(
             warnings.simplefilter("always")
             if ray is not None:
                 distributed_module().check_mergeable(det)  # before starting Ray
+                distributed_module().set_verbose(verbose)
                 with connect_ray(ray) as dist:
                     det = dist.fit(det, train_file, head=read_head(head), sharded_knn=False)
             else:
@@ -151,8 +155,7 @@ def fit_command(
             det.save(output)
     except MissingFieldError as exc:
         fail(missing_field_message(exc, train_file, head))
-    for w in caught:  # one line each, like the errors
-        typer.echo(f"ebood: warning: {str(w.message).splitlines()[0]}", err=True)
+    echo_warnings(caught, verbose)
     note = "" if det.threshold_ is None else f" (threshold {det.threshold_:.6g} keeps {100 * tpr:g}% of ID)"
     typer.echo(f"wrote {det!r}{note} to {output}")
 

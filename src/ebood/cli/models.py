@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from ._app import app, command, fail  # noqa: F401
+from ._app import app, command, echo_warnings, fail  # noqa: F401
+from ._help import MODEL_HELP, DATA_SPEC_HELP, POOL_MODES, one_of
 
 #: formats that hold several named arrays of different lengths (the head beside per-sample arrays)
 OUTPUT_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
@@ -71,10 +72,10 @@ def _parse_selector(value: Optional[str]) -> Any:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-@command("extract")
+@command("extract", renamed={"--cache": ["--cache-dir"]})
 def extract_command(
-    model: str = typer.Option(..., "--model", "-m", help="A TorchScript file, an entry point package.module:function, or a built-in name (wrn40_2, resnet18_cifar, digits_cnn)."),
-    data: str = typer.Option(..., "--data", "-d", help="A data spec (e.g. cifar10:test, builtin:letters, folder:PATH) or an .npz / .npy file (keys inputs / x and optional labels / y)."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: str = typer.Option(..., "--data", "-d", help=DATA_SPEC_HELP + "; or an .npz / .npy file (keys inputs / x and optional labels / y)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the outputs: .safetensors (or .npz / .pt), readable by `ebood fit` / `ebood score`."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="State dict to load: .safetensors, or .pt / .pth (read with weights_only=True)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", "-a", help="Constructor argument KEY=VALUE for a built-in or entry point (repeatable), e.g. -a num_classes=100."),
@@ -82,9 +83,9 @@ def extract_command(
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, help="Inputs per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: cpu)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="Autocast dtype: bfloat16 or float16 (default: off)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder: a second run with the same model and data reads the outputs from it."),
+    cache: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder: a second run with the same model and data reads the outputs from it."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder where named datasets live (for data specs such as cifar10:test)."),
-    pool: str = typer.Option("avg", "--pool", help="Reduce feature maps of named layers: avg, max or flatten."),
+    pool: str = typer.Option("avg", "--pool", help="Reduce feature maps of named layers: " + one_of(POOL_MODES) + "."),
     logits_from: Optional[str] = typer.Option(None, "--logits-from", help="When the model returns a tuple or dict: the index or key of the logits."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on a terminal)."),
 ) -> None:
@@ -108,8 +109,7 @@ def extract_command(
                           progress=progress, output=_parse_selector(logits_from), pool=pool)  # type: ignore[arg-type]
         except ModelInputError as exc:
             fail(f"model {model} on data {data}: {exc}")
-    for w in caught:
-        typer.echo(f"ebood: warning: {str(w.message).splitlines()[0]}", err=True)
+    echo_warnings(caught)
     arrays: dict[str, Any] = {"logits": out.logits}
     if isinstance(out.features, dict):
         arrays.update({f"features/{name}": t for name, t in out.features.items()})

@@ -1,4 +1,5 @@
-"""``ebood train`` (a classifier from scratch) and ``ebood finetune`` (energy-bounded / Outlier Exposure).
+"""``ebood train`` (a classifier from scratch: cross-entropy, LogitNorm or PALM) and ``ebood finetune``
+(energy-bounded / Outlier Exposure / LogitNorm).
 
 Models are named as everywhere in ebood (``ebood.models.load_model``): a built-in architecture,
 an entry point ``package.module:function`` or a TorchScript file, plus optional ``--checkpoint``
@@ -9,15 +10,24 @@ weights. Data are dataset specs (``ebood.data.open_dataset``): ``builtin:NAME``,
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from ..train.presets import PRESETS, available_presets
+from ..train.classifier import train_classifier
+from ..train.finetune import LOSSES
 from ._app import app, command, fail  # noqa: F401
+from ._help import DATA_SPEC_HELP, MODEL_HELP, check_choice, one_of
 
-_MODEL_HELP = "Model: a built-in name (digits_cnn, wrn40_2, resnet18_cifar), an entry point package.module:function, or a TorchScript file."
-_DATA_HELP = "Dataset spec: builtin:NAME, cifar10:train, cifar100:train, svhn:train, mnist:train, folder:PATH, array:FILE.npz ..."
+_MODEL_HELP = MODEL_HELP
+_DATA_HELP = DATA_SPEC_HELP + "."
+#: train_classifier's optimizers, from its signature.
+OPTIMIZERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(train_classifier)["optimizer"])
+_PRESET_HELP = "A recipe of ebood.train.PRESETS: " + one_of(available_presets())
 
 
 def _device(device: Optional[str]) -> str:
@@ -131,11 +141,32 @@ def _run_training(fn, output: Path, info: dict[str, Any], outliers: bool, **kwar
     typer.echo(f"wrote {output}")
 
 
+_TRAIN_DEFAULTS = {n: q.default for n, q in inspect.signature(train_classifier).parameters.items()}
+
+
+#: the training settings printed when a preset chose them
+_TRAIN_SHOWN = ("epochs", "optimizer", "lr", "batch_size", "weight_decay")
+
+
+def _default(name: str) -> str:
+    return f"default: the preset's recipe, else {_TRAIN_DEFAULTS[name]}"
+
+
+def _training_preset(name: Optional[str], model: Optional[str]) -> Any:
+    """The preset named ``name``; else the one that trains ``model`` from scratch (None if there is none)."""
+    from ..train import get_preset
+
+    if name is not None:
+        return get_preset(name)
+    return next((p for p in PRESETS.values() if model is not None and p.model == model and p.pretrain is not None), None)
+
+
 @command("train")
 def train_command(
-    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
-    data: str = typer.Option(..., "--data", help="Labelled training data. " + _DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the trained weights (.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Default: the preset's."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Labelled training data. " + _DATA_HELP + " Default: the preset's."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP + ". Default: the preset of --model when it has a training recipe (options given explicitly win)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Initial weights (.safetensors / .pt state dict)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a built-in architecture."),
     validation: Optional[str] = typer.Option(None, "--validation", help="Labelled data whose accuracy is shown after each epoch."),
@@ -143,53 +174,119 @@ def train_command(
     mean: Optional[str] = typer.Option(None, "--mean", help=_MEAN_HELP),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel standard deviations for --mean."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize and centre-crop images to this size."),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help=_AUGMENT_HELP),
-    epochs: int = typer.Option(100, "--epochs", help="Epochs."),
-    lr: float = typer.Option(0.1, "--lr", help="Initial learning rate (cosine-annealed per step)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Samples per step."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov momentum 0.9) or adam."),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help=_AUGMENT_HELP + " Default: the preset's."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Epochs ({_default('epochs')})."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Initial learning rate, cosine-annealed per step ({_default('lr')})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Samples per step ({_default('batch_size')})."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"{one_of(OPTIMIZERS)} (sgd: Nesterov momentum 0.9; {_default('optimizer')})."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=f"L2 weight decay ({_default('weight_decay')})."),
     seed: int = typer.Option(0, "--seed", help="Seeds the initial weights, the data order and dropout."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save a resumable checkpoint here after each epoch."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (or the latest in a folder)."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (on a terminal)."),
+    loss: str = typer.Option("ce", "--loss", help="ce (cross-entropy), logitnorm (Wei et al. 2022) or palm (mixture of prototypes, Lu et al. 2024)."),
+    tau: float = typer.Option(0.04, "--tau", help="LogitNorm temperature: logits are scaled to norm 1/tau."),
+    cache_size: int = typer.Option(6, "--cache-size", help="PALM: prototypes per class."),
+    top_k: int = typer.Option(5, "--k", help="PALM: prototypes kept per sample after Sinkhorn (0: all)."),
+    proto_m: float = typer.Option(0.999, "--proto-m", help="PALM: EMA momentum of the prototypes."),
+    temp: float = typer.Option(0.1, "--temp", help="PALM: temperature of the MLE loss."),
+    lambda_pcon: float = typer.Option(1.0, "--lambda-pcon", help="PALM: weight of the prototype contrastive loss."),
+    epsilon: float = typer.Option(0.05, "--epsilon", help="PALM: Sinkhorn-Knopp entropy regularisation."),
+    feat_dim: int = typer.Option(128, "--feat-dim", help="PALM: embedding dimension of the projection head."),
 ) -> None:
-    """Train a classifier from scratch with cross-entropy."""
-    from ..train import train_classifier
+    """Train a classifier from scratch: cross-entropy, LogitNorm, or PALM (score it with knn / mahalanobis); a built-in model gets its preset's recipe."""
+    import dataclasses
 
+    from ..train import LogitNormLoss
+
+    if loss not in ("ce", "logitnorm", "palm"):
+        fail(f"unknown loss {loss!r}; choose ce, logitnorm or palm")
+    p = _training_preset(preset, model)
+    model = _pick(model, p and p.model)
+    data = _pick(data, p and p.id_data)
+    if model is None or data is None:
+        fail("give --model and --data (or a --preset that names them)")
+    if optimizer is not None:
+        check_choice(optimizer, OPTIMIZERS, "--optimizer")
     _check_output(output)
-    data_opts = _data_options(mean, std, image_size)
+    recipe = dataclasses.asdict(p.pretrain) if p is not None and p.pretrain is not None else {}
+    settings = {k: _pick(v, recipe.get(k)) for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
+                                                            optimizer=optimizer, weight_decay=weight_decay).items()}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if p is not None and loss != "palm":
+        shown = {k: settings.get(k, _TRAIN_DEFAULTS[k]) for k in _TRAIN_SHOWN}
+        source = "recipe" if recipe else "data (and train_classifier's defaults)"
+        typer.echo(f"training {model} with the {p.name} preset's {source}: "
+                   + ", ".join(f"{k} {v}" for k, v in shown.items()), err=True)
+    data_opts = _data_options(mean, std, image_size, p.data_options() if p is not None else None)
     import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights, reproducible from --seed
-        net = _load_model(model, checkpoint, num_classes)
+        net = _load_model(model, checkpoint, _pick(num_classes, p and p.num_classes))
+    if loss == "palm":
+        if checkpoint_dir is not None or resume is not None:
+            fail("--checkpoint-dir / --resume are not available with --loss palm")
+        params = dict(cache_size=cache_size, k=top_k, proto_m=proto_m, temp=temp, lambda_pcon=lambda_pcon, epsilon=epsilon,
+                      feat_dim=feat_dim)
+        explicit = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
+        _run_palm(net, output, params, data=_open(data, root, data_opts), seed=seed, device=_device(device), progress=progress,
+                  augment=_augmentation(bool(p and p.augment) if augment is None else augment, data_opts),
+                  **{k: v for k, v in explicit.items() if v is not None})  # PALM's own schedule unless given
+        return
     _run_training(
         train_classifier, output,
-        {"command": "train", "model": model, "checkpoint": None if checkpoint is None else str(checkpoint), "data": data},
-        outliers=False, model=net, data=_open(data, root, data_opts), epochs=epochs, lr=lr, batch_size=batch_size,
-        optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=_device(device),
+        {"command": "train", "model": model, "checkpoint": None if checkpoint is None else str(checkpoint), "data": data,
+         "preset": None if p is None else p.name},
+        outliers=False, model=net, data=_open(data, root, data_opts), seed=seed, device=_device(device),
         checkpoint_dir=checkpoint_dir, resume=resume, num_workers=num_workers, progress=progress,
-        augment=_augmentation(augment, data_opts),
+        augment=_augmentation(bool(p and p.augment) if augment is None else augment, data_opts),
         validation=None if validation is None else _open(validation, root, data_opts),
+        loss=LogitNormLoss(tau) if loss == "logitnorm" else None, **settings,
     )
+
+
+def _run_palm(net: Any, output: Path, params: dict[str, Any], **kwargs: Any) -> None:
+    """PALM training of ``net``'s penultimate features; prints the epochs, errors in one line."""
+    from rich.console import Console
+    from rich.table import Table
+    from torch import nn
+
+    from ..train import PALMLoss, train_palm
+
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        fail(f"{type(net).__name__} has no nn.Linear head: PALM trains the input of the last one")
+    history: list[Any] = []
+    try:
+        objective = PALMLoss(linears[-1].out_features, seed=kwargs["seed"], **params)
+        train_palm(net, loss=objective, output=output, on_epoch=history.append, **kwargs)
+    except (ValueError, FloatingPointError) as exc:
+        fail(str(exc))
+    table = Table(title="PALM training", box=None, pad_edge=False)
+    for c in ("epoch", "loss", "MLE", "PCON", "s"):
+        table.add_column(c, justify="right")
+    for m in history:
+        table.add_row(str(m.epoch), f"{m.loss:.4g}", f"{m.mle:.4g}", f"{m.proto_contra:.4g}", f"{m.seconds:.1f}")
+    Console().print(table)
+    typer.echo(f"wrote {output} (score its penultimate features with knn or mahalanobis)")
 
 
 def _pick(value: Any, preset_value: Any) -> Any:
     return preset_value if value is None else value
 
 
-@command("finetune")
+@command("finetune", renamed={"--id": ["--data"]})
 def finetune_command(
     outliers: str = typer.Option(..., "--outliers", help="Auxiliary outliers, disjoint from every OOD test set. " + _DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the fine-tuned weights (.safetensors)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Default: the preset's."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The pre-trained weights (.safetensors / .pt state dict)."),
-    id_data: Optional[str] = typer.Option(None, "--id", help="Labelled in-distribution training data. Default: the preset's."),
-    loss: str = typer.Option("energy", "--loss", help="energy (energy-bounded, Liu et al. 2020) or oe (Outlier Exposure)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="The paper's recipe: cifar10 or cifar100 (options given explicitly win)."),
+    id_data: Optional[str] = typer.Option(None, "--data", "-d", help="Labelled in-distribution training data. " + _DATA_HELP + " Default: the preset's."),
+    loss: str = typer.Option("energy", "--loss", help=one_of(sorted(LOSSES)) + " (energy: energy-bounded, Liu et al. 2020; oe: Outlier Exposure)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP + " (options given explicitly win)."),
     m_in: Optional[float] = typer.Option(None, "--m-in", help="Energy margin for ID data (default: preset, or -25)."),
     m_out: Optional[float] = typer.Option(None, "--m-out", help="Energy margin for outliers (default: preset, or -7)."),
     suggest: bool = typer.Option(False, "--suggest-margins", help="Derive unset margins from the pre-trained model's energies (ebood.train.suggest_margins)."),
@@ -218,13 +315,12 @@ def finetune_command(
     """Fine-tune a pre-trained classifier with auxiliary outliers (energy-bounded loss or Outlier Exposure)."""
     from ..train import finetune, get_preset, make_loss, suggest_margins
 
-    if loss not in ("energy", "oe"):
-        fail(f"unknown loss {loss!r}; choose energy or oe")
+    check_choice(loss, sorted(LOSSES), "--loss")
     p = get_preset(preset) if preset is not None else None
     model = _pick(model, p and p.model)
     id_data = _pick(id_data, p and p.id_data)
     if model is None or id_data is None:
-        fail("give --model and --id (or a --preset that names them)")
+        fail("give --model and --data (or a --preset that names them)")
     if loss == "oe" and (m_in is not None or m_out is not None or suggest):
         fail("--m-in, --m-out and --suggest-margins apply to --loss energy only")
     _check_output(output)

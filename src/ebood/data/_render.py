@@ -145,6 +145,39 @@ def _glyph_bank(keys: list[tuple[str, str]]) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(bank), np.array([g.shape for g in glyphs], dtype=np.float64)
 
 
+def affine_thetas(bank_shape: tuple[int, ...], sx: np.ndarray, sy: np.ndarray, angle: np.ndarray, shear: np.ndarray,
+                  shift: np.ndarray, size: int) -> torch.Tensor:
+    """``grid_sample`` matrices (N, 2, 3) that draw a bank glyph onto a ``size`` x ``size`` grid.
+
+    The forward map, in pixels about the centres, is ``out = R(angle) @ Shear @ diag(sx, sy) @ in + shift``.
+    """
+    n = len(angle)
+    c, si = np.cos(angle), np.sin(angle)
+    rot = np.stack([np.stack([c, -si], -1), np.stack([si, c], -1)], -2)
+    shr = np.zeros((n, 2, 2))
+    shr[:, 0, 0] = shr[:, 1, 1] = 1.0
+    shr[:, 0, 1] = shear
+    scale = np.zeros((n, 2, 2))
+    scale[:, 0, 0], scale[:, 1, 1] = sx, sy
+    inv = np.linalg.inv(rot @ shr @ scale)
+    # grid_sample works in [-1, 1] coordinates: in_norm = D_in @ inv @ (D_out @ out_norm - shift)
+    bank_h, bank_w = bank_shape[2], bank_shape[3]
+    d_in = np.diag([2.0 / bank_w, 2.0 / bank_h])
+    d_out = np.diag([size / 2.0, size / 2.0])
+    return torch.from_numpy(np.concatenate([d_in @ inv @ d_out, -(d_in @ inv @ shift[:, :, None])], axis=2)).to(torch.float32)
+
+
+def warp_glyphs(bank: torch.Tensor, index: np.ndarray, theta: torch.Tensor, size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(lo, hi, grey)``: samples ``lo:hi`` drawn bilinearly, (hi - lo, 1, size, size) float ink in 0..255."""
+    n = len(index)
+    with _one_torch_thread():
+        for lo in range(0, n, 1024):  # bounded memory: 1024 gathered glyphs at a time
+            hi = min(lo + 1024, n)
+            src = bank[torch.from_numpy(index[lo:hi])].to(torch.float32)
+            yield lo, hi, F.grid_sample(src, _affine_grid(theta[lo:hi], size), mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)
+
+
 def render_glyphs(fonts: list[str], chars: list[str], rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Draw ``chars[i]`` in ``fonts[i]`` with random affine and stroke jitter, digits-style.
 
@@ -174,30 +207,39 @@ def render_glyphs(fonts: list[str], chars: list[str], rng: np.random.Generator) 
     sx, sy = s * aspect, s
     fit = np.minimum(1.0, 0.94 * BITMAP / (gw * sx))  # wide glyphs (M, W, %) fit the box width instead
     sx, sy = sx * fit, sy * fit
-    # forward map, in pixels about the centres: out = R(angle) @ Shear @ diag(sx, sy) @ in + shift
-    c, si = np.cos(angle), np.sin(angle)
-    rot = np.stack([np.stack([c, -si], -1), np.stack([si, c], -1)], -2)
-    shr = np.zeros((n, 2, 2))
-    shr[:, 0, 0] = shr[:, 1, 1] = 1.0
-    shr[:, 0, 1] = shear
-    scale = np.zeros((n, 2, 2))
-    scale[:, 0, 0], scale[:, 1, 1] = sx, sy
-    inv = np.linalg.inv(rot @ shr @ scale)
-    # grid_sample works in [-1, 1] coordinates: in_norm = D_in @ inv @ (D_out @ out_norm - shift)
-    bank_h, bank_w = bank.shape[2], bank.shape[3]
-    d_in = np.diag([2.0 / bank_w, 2.0 / bank_h])
-    d_out = np.diag([BITMAP / 2.0, BITMAP / 2.0])
-    theta = torch.from_numpy(np.concatenate([d_in @ inv @ d_out, -(d_in @ inv @ shift[:, :, None])], axis=2)).to(torch.float32)
+    theta = affine_thetas(bank.shape, sx, sy, angle, shear, shift, BITMAP)
     counts = np.empty((n, 8, 8), dtype=np.uint8)
-    with _one_torch_thread():
-        for lo in range(0, n, 1024):  # bounded memory: 1024 gathered glyphs at a time
-            hi = min(lo + 1024, n)
-            src = bank[torch.from_numpy(index[lo:hi])].to(torch.float32)
-            grey = F.grid_sample(src, _affine_grid(theta[lo:hi], BITMAP), mode="bilinear", padding_mode="zeros", align_corners=False)
-            counts[lo:hi] = finish_bitmap(grey, pen[lo:hi], threshold[lo:hi])
+    for lo, hi, grey in warp_glyphs(bank, index, theta, BITMAP):
+        counts[lo:hi] = finish_bitmap(grey, pen[lo:hi], threshold[lo:hi])
     params = {"height": height, "aspect": aspect, "angle_deg": np.rad2deg(angle), "shear": shear,
               "shift_x": shift[:, 0], "shift_y": shift[:, 1], "pen": pen, "threshold": threshold}
     return counts, params
+
+
+def render_grey_glyphs(fonts: list[str], chars: list[str], rng: np.random.Generator,
+                       size: int = 28) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Draw ``chars[i]`` in ``fonts[i]`` as anti-aliased grey ``size`` x ``size`` images, notMNIST-style.
+
+    notMNIST (Bulatov, 2011) shows glyphs scaled to fill most of a 28x28 box, grey-level, centred. Jitter
+    per sample: the glyph's longer side U(0.78, 0.95) of the box, aspect x exp(N(0, 0.06)), rotation
+    U(-8, 8) degrees, shift U(-1.5, 1.5) pixels. Returns (N, size, size) float32 in [0, 1] and the jitter.
+    """
+    n = len(chars)
+    fill = rng.uniform(0.78, 0.95, n)
+    aspect = np.exp(rng.normal(0.0, 0.06, n))
+    angle = np.deg2rad(rng.uniform(-8.0, 8.0, n))
+    shift = rng.uniform(-1.5, 1.5, (n, 2))
+    keys = sorted(set(zip(fonts, chars)))
+    where = {k: i for i, k in enumerate(keys)}
+    index = np.array([where[k] for k in zip(fonts, chars)], dtype=np.int64)
+    bank, sizes = _glyph_bank(keys)
+    gh, gw = sizes[index, 0], sizes[index, 1]
+    s = fill * size / np.maximum(gh, gw * aspect)
+    theta = affine_thetas(bank.shape, s * aspect, s, angle, np.zeros(n), shift, size)
+    out = np.empty((n, size, size), dtype=np.float32)
+    for lo, hi, ink in warp_glyphs(bank, index, theta, size):
+        out[lo:hi] = (ink[:, 0] / 255.0).clamp_(0.0, 1.0).numpy()
+    return out, {"fill": fill, "aspect": aspect, "angle_deg": np.rad2deg(angle), "shift_x": shift[:, 0], "shift_y": shift[:, 1]}
 
 
 # ----- photographs -----------------------------------------------------------------------------------
@@ -227,26 +269,34 @@ def otsu_threshold(hist: np.ndarray) -> np.ndarray:
     return between.argmax(axis=1)
 
 
+def photo_crops(name: str, n: int, rng: np.random.Generator, size: int, min_side: int,
+                max_side: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random square crops (side ``min_side..max_side`` px) of a sample photograph, area-resized to
+    ``size`` x ``size`` grey. Returns (N, size, size) uint8 and the boxes (``x``, ``y``, ``side``)."""
+    img = photo_grey(name)
+    width, height = img.size
+    side = rng.integers(min_side, max_side + 1, n)
+    x0 = (rng.random(n) * (width - side + 1)).astype(np.int64)
+    y0 = (rng.random(n) * (height - side + 1)).astype(np.int64)
+    grey = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        box = (int(x0[i]), int(y0[i]), int(x0[i] + side[i]), int(y0[i] + side[i]))
+        grey[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX, box=box))
+    return grey, {"x": x0, "y": y0, "side": side}
+
+
 def photo_patches(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Square patches (side 24..160 px) of a sample photograph, digits-style.
 
     Each patch is area-resized to the 32x32 bitmap, binarised with its own Otsu threshold (the darker
     class is "ink", as pen on paper), then counted in 4x4 blocks. Returns (N, 8, 8) uint8 and the boxes.
     """
-    img = photo_grey(name)
-    width, height = img.size
-    side = rng.integers(24, 161, n)
-    x0 = (rng.random(n) * (width - side + 1)).astype(np.int64)
-    y0 = (rng.random(n) * (height - side + 1)).astype(np.int64)
-    grey = np.empty((n, BITMAP, BITMAP), dtype=np.uint8)
-    for i in range(n):
-        box = (int(x0[i]), int(y0[i]), int(x0[i] + side[i]), int(y0[i] + side[i]))
-        grey[i] = np.asarray(img.resize((BITMAP, BITMAP), Image.Resampling.BOX, box=box))
+    grey, boxes = photo_crops(name, n, rng, BITMAP, 24, 160)
     flat = grey.reshape(n, -1).astype(np.int64) + 256 * np.arange(n)[:, None]
     hist = np.bincount(flat.reshape(-1), minlength=256 * n).reshape(n, 256)
     t = otsu_threshold(hist)
     bitmaps = grey <= t[:, None, None]
-    return block_counts(bitmaps), {"x": x0, "y": y0, "side": side, "threshold": t}
+    return block_counts(bitmaps), {**boxes, "threshold": t}
 
 
 # ----- synthetic structure -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .transforms import ImageTransform
 
 __all__ = [
     "BuiltinBenchmark", "builtin_benchmark", "builtin_dataset", "available_builtin", "digits_splits",
-    "letters", "photos", "noise", "font_digits", "open_set_split", "auxiliary_outliers",
+    "letters", "photos", "noise", "font_digits", "open_set_split", "auxiliary_outliers", "auxiliary_glyph_pairs",
     "NEAR_LETTERS", "EXCLUDED_LETTERS", "TEST_FONTS", "AUXILIARY_FONTS", "AUXILIARY_GLYPHS",
     "TEST_PHOTO", "AUXILIARY_PHOTO", "NOISE_KINDS", "AUXILIARY_DESCRIPTION", "SPLIT_FRACTIONS",
 ]
@@ -250,7 +250,8 @@ def open_set_split(seed: int = 0, known: int = 6) -> dict[str, ArrayDataset]:
 
 # ----- auxiliary outliers -------------------------------------------------------------------------------
 
-def _auxiliary_pairs() -> list[tuple[str, str]]:
+def auxiliary_glyph_pairs() -> list[tuple[str, str]]:
+    """The (font, glyph) pairs of the auxiliary glyphs: AUXILIARY_FONTS x AUXILIARY_GLYPHS that the font really draws."""
     pairs = []
     for font in AUXILIARY_FONTS:
         chars = _LOWER_LATIN if font in _LATIN_ONLY_FONTS else AUXILIARY_GLYPHS
@@ -266,7 +267,7 @@ def auxiliary_outliers(seed: int = 0, n: int = AUXILIARY_SIZE) -> ArrayDataset:
     ``meta["photo"]`` record the provenance ("" where it does not apply).
     """
     rng = _rng(seed, "outliers")
-    pairs = _auxiliary_pairs()
+    pairs = auxiliary_glyph_pairs()
     n_g, n_p = n // 2, n // 4
     n_s = n - n_g - n_p
     pick = rng.integers(0, len(pairs), n_g)

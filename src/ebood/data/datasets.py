@@ -20,7 +20,7 @@ from .transforms import ImageTransform
 
 __all__ = [
     "DatasetNotFoundError", "DatasetFormatError", "ArrayDataset", "ImageArrayDataset", "ImageFileDataset",
-    "content_hash", "files_hash",
+    "content_hash", "files_hash", "read_image",
 ]
 
 
@@ -66,6 +66,18 @@ def files_hash(paths: Iterable[Path], base: Path | None = None, sample: int | No
                     f.seek(size - _EDGE)
                     h.update(f.read(_EDGE))
     return h.hexdigest()
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file with Pillow as RGB uint8 (H, W, 3); damaged files raise DatasetFormatError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetFormatError(f"{path}: cannot decode image ({msg})") from None
 
 
 class _Base(Dataset):
@@ -127,7 +139,14 @@ class ArrayDataset(_Base):
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    #: ``self[indices]`` with a list / tensor of indices returns a whole batch ``(inputs, labels)``: data loaders
+    #: slice the tensors instead of stacking one sample at a time (see ``ebood.extraction.as_loader``).
+    batch_indexing = True
+
+    def __getitem__(self, index: int | list[int] | torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if isinstance(index, (list, torch.Tensor, np.ndarray)):
+            idx = torch.as_tensor(index, dtype=torch.int64)
+            return self.inputs[idx], self.labels[idx]
         return self.inputs[index], int(self.labels[index])
 
     def subset(self, indices: np.ndarray | torch.Tensor | list[int], *, name: str | None = None,
@@ -182,8 +201,6 @@ class ImageFileDataset(_Base):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from .formats import read_image
-
         path = self.files[index]
         image = (self._loader or read_image)(path)
         return self.transform(image), int(self.labels[index])

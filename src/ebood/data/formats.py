@@ -22,18 +22,17 @@ messages (the CLI prints them as they are).
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ._files import locate as _locate, read_bytes as _read_bytes, resolve_root, split as _split
 from .datasets import (ArrayDataset, DatasetFormatError, DatasetNotFoundError, ImageArrayDataset,
-                       ImageFileDataset, content_hash, files_hash)
+                       ImageFileDataset, content_hash, files_hash, read_image)
+from .idx import mnist, read_idx
 from .transforms import ImageTransform
 
 __all__ = [
@@ -46,54 +45,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".t
 #: Image folders hold images of many sizes, so without ``image_size`` they are brought to 32x32 (the CIFAR protocols).
 DEFAULT_FOLDER_SIZE = 32
 _CIFAR_PIXELS = 3 * 32 * 32
-
-
-def resolve_root(root: str | os.PathLike | None, what: str) -> Path:
-    """The data root: ``root``, else the ``EBOOD_DATA`` environment variable; an error when neither is set."""
-    if root is None:
-        env = os.environ.get("EBOOD_DATA")
-        if not env:
-            raise DatasetNotFoundError(f"{what}: no data root given; pass root= (--root DIR) or set EBOOD_DATA")
-        root = env
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise DatasetNotFoundError(f"{what}: data root {path} is not a directory")
-    return path
-
-
-def _existing(folder: Path, name: str, gz: bool = False) -> Path | None:
-    """``folder/name``, or ``folder/name.gz`` when gzip is accepted."""
-    for candidate in ([name, name + ".gz"] if gz else [name]):
-        p = folder / candidate
-        if p.is_file():
-            return p
-    return None
-
-
-def _locate(root: Path, what: str, folders: Sequence[str], files: Sequence[str], source: str, gz: bool = False) -> list[Path]:
-    """The ``files`` in the first of ``root/folder`` that holds all of them, else a not-found error listing them."""
-    for folder in folders:
-        base = root / folder
-        found = [_existing(base, f, gz) for f in files]
-        if all(found):
-            return found  # type: ignore[return-value]
-    base = root / folders[0]
-    listed = ", ".join(str(base / f) + ("[.gz]" if gz else "") for f in files)
-    also = [str(root / f) for f in folders[1:]]
-    where = f" (also looked in {', '.join(also)})" if also else ""
-    raise DatasetNotFoundError(f"{what} not found under {root}: expected {listed}{where} -- {source}")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise DatasetFormatError(f"{path}: corrupt or truncated gzip file ({exc})") from None
-    except OSError as exc:
-        raise DatasetFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 # ----- CIFAR ----------------------------------------------------------------------------------------------
@@ -123,12 +74,6 @@ def _class_names(path: Path | None, n: int) -> list[str]:
         if len(names) == n:
             return names
     return [str(i) for i in range(n)]
-
-
-def _split(split: str, allowed: Sequence[str], what: str) -> str:
-    if split not in allowed:
-        raise ValueError(f"{what}: unknown split {split!r}; expected one of {', '.join(allowed)}")
-    return split
 
 
 def cifar10(root: str | os.PathLike | None, split: str, transform: ImageTransform | None = None) -> ImageArrayDataset:
@@ -198,59 +143,7 @@ def svhn(root: str | os.PathLike | None, split: str, transform: ImageTransform |
                              description=f"SVHN {split} ({len(labels)} images)")
 
 
-# ----- MNIST ----------------------------------------------------------------------------------------------
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (LeCun's MNIST format: 0, 0, type code, ndim, big-endian int32 dims, data) as a uint8 array."""
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DatasetFormatError(f"{path}: truncated idx file ({len(raw)} bytes, no header)")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code != 0x08:
-        raise DatasetFormatError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()}, expected 000008xx)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetFormatError(f"{path}: truncated idx header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims)) if dims else 1
-    if len(raw) - header != expected:
-        raise DatasetFormatError(f"{path}: truncated or corrupt idx file: header says {dims} = {expected} bytes of data, file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def mnist(root: str | os.PathLike | None, split: str, transform: ImageTransform | None = None) -> ImageArrayDataset:
-    """MNIST from the idx files (plain or .gz); ``split`` is ``train`` (60,000) or ``test`` (10,000); 1x28x28 images."""
-    _split(split, ("train", "test"), "mnist")
-    base = resolve_root(root, "mnist")
-    prefix = "train" if split == "train" else "t10k"
-    files = _locate(base, "mnist", ["mnist", "MNIST/raw", "MNIST", "."],
-                    [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"],
-                    "the idx files from http://yann.lecun.com/exdb/mnist/", gz=True)
-    images, labels = read_idx(files[0]), read_idx(files[1])
-    if images.ndim != 3 or labels.ndim != 1:
-        raise DatasetFormatError(f"{files[0]}: expected (N, rows, cols) images and (N,) labels, got {images.shape} and {labels.shape}")
-    if images.shape[0] != labels.shape[0]:
-        raise DatasetFormatError(f"{files[1]}: {labels.shape[0]} labels for {images.shape[0]} images in {files[0].name}")
-    if labels.size and labels.max() > 9:
-        raise DatasetFormatError(f"{files[1]}: label {int(labels.max())} is not a digit 0..9")
-    return ImageArrayDataset(images[:, None], labels.astype(np.int64), transform or ImageTransform(), name=f"mnist-{split}",
-                             fingerprint=f"mnist:{split}|n={len(labels)}|files={files_hash(files)}",
-                             description=f"MNIST {split} ({len(labels)} images)")
-
-
 # ----- image folders --------------------------------------------------------------------------------------
-
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file with Pillow as RGB uint8 (H, W, 3); damaged files raise DatasetFormatError."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetFormatError(f"{path}: cannot decode image ({msg})") from None
-
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import torch
 
-from .. import __version__
+from .. import __version__, selective
 from ..metrics import id_threshold
 from ..outputs import Outputs
 from ..state import StateError, load_state, save_state
@@ -33,6 +34,11 @@ __all__ = ["Detector", "NotFittedError", "MissingFieldError", "register", "creat
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 STATE_FORMAT = "ebood.detector"
+
+
+def _is_array(data: Any) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for the check)."""
+    return isinstance(data, torch.Tensor) or type(data).__module__ == "numpy" and type(data).__name__ == "ndarray"
 
 
 class NotFittedError(RuntimeError):
@@ -123,9 +129,28 @@ class Detector:
     def is_fitted(self) -> bool:
         return not self.needs_fit or bool(getattr(self, "_fitted", False))
 
+    def _as_outputs(self, data: Any, fields: Iterable[str], action: str) -> Any:
+        """``data`` itself, or a bare tensor / array wrapped as the one field the detector needs.
+
+        A bare tensor is unambiguous only when ``action`` needs exactly one field, logits or
+        features: ``energy.score(logits)``, ``knn.fit(features)``. Anything else is returned as
+        given, for :meth:`_check_fields` to judge.
+        """
+        if not _is_array(data):
+            return data
+        fields = tuple(dict.fromkeys(fields))
+        if len(fields) == 1 and fields[0] in ("logits", "features"):
+            return Outputs(**{fields[0]: data})
+        raise TypeError(
+            f"detector {self.name!r} needs {' and '.join('Outputs.' + f for f in fields)} to {action}; a bare "
+            f"{type(data).__name__} is accepted only by detectors that need logits alone or features alone: "
+            f"give ebood.Outputs({', '.join(f'{f}=...' for f in fields)})"
+        )
+
     def _check_fields(self, outputs: Outputs, fields: Iterable[str], action: str) -> None:
         if not isinstance(outputs, Outputs):
-            raise TypeError(f"{self.name}.{action} expects ebood.Outputs, got {type(outputs).__name__}")
+            raise TypeError(f"{self.name}.{action} expects ebood.Outputs (or, for a detector that needs one input "
+                            f"kind, a tensor of it), got {type(outputs).__name__}")
         for f in fields:
             if not outputs.has(f):
                 raise MissingFieldError(
@@ -137,8 +162,13 @@ class Detector:
             raise NotFittedError(f"detector {self.name!r} is not fitted: call fit() (or partial_fit()) first")
 
     # ----- fitting ---------------------------------------------------------------------------
-    def fit(self, data: Outputs | Iterable[Outputs]) -> "Detector":
-        """Learn from in-distribution (training) outputs, or from an iterable of batches of them."""
+    def fit(self, data: Outputs | Iterable[Outputs] | torch.Tensor) -> "Detector":
+        """Learn from in-distribution (training) outputs, or from an iterable of batches of them.
+
+        A detector that needs one input kind to fit (logits alone or features alone) also takes
+        that tensor directly: ``create("knn").fit(train_features)``.
+        """
+        data = self._as_outputs(data, self.requires + self.fit_requires, "fit")
         batches = [data] if isinstance(data, Outputs) else data
         if self.streaming:
             self._reset()
@@ -162,10 +192,11 @@ class Detector:
         self._fitted = True
         return self
 
-    def partial_fit(self, batch: Outputs) -> "Detector":
+    def partial_fit(self, batch: Outputs | torch.Tensor) -> "Detector":
         """Add one batch to the fit (streaming detectors only). Scores use all batches seen so far."""
         if not self.streaming:
             raise TypeError(f"detector {self.name!r} cannot be fitted batch by batch; call fit() with all data (or an iterable of batches)")
+        batch = self._as_outputs(batch, self.requires + self.fit_requires, "fit")
         self._check_fields(batch, self.requires + self.fit_requires, "fit")
         if not getattr(self, "_started", False):
             self._reset()
@@ -225,28 +256,98 @@ class Detector:
         """Check the shapes of loaded state (raise ValueError naming the mismatch)."""
 
     # ----- scoring ---------------------------------------------------------------------------
-    def score(self, outputs: Outputs) -> torch.Tensor:
-        """One OOD score per sample (higher = more OOD), a 1-D tensor."""
+    def score(self, outputs: Outputs | torch.Tensor) -> torch.Tensor:
+        """One OOD score per sample (higher = more OOD), a 1-D tensor.
+
+        ``outputs`` is an :class:`~ebood.Outputs`, or, for a detector that scores one input kind
+        (logits alone or features alone), that (N, C) / (N, D) tensor: ``create("energy").score(logits)``.
+        """
+        outputs = self._as_outputs(outputs, self.requires, "score")
         self._check_fields(outputs, self.requires, "score")
         self._check_fitted()
         self._ensure_final()
         return self._score(outputs)
 
-    def calibrate(self, id_outputs: Outputs, tpr: float = 0.95) -> "Detector":
-        """Set ``threshold_``: the smallest score at which at least ``tpr`` of ID samples are kept."""
+    def calibrate(
+        self,
+        id_outputs: Outputs | torch.Tensor,
+        tpr: float | None = None,
+        *,
+        risk: float | None = None,
+        delta: float = 0.05,
+        method: str = "sgr",
+        correct: Any = None,
+    ) -> "Detector":
+        """Set ``threshold_`` (a sample is accepted when ``score <= threshold_``) from ID validation outputs.
+
+        * ``tpr`` (default 0.95): the smallest score at which at least ``tpr`` of the samples are kept.
+        * ``risk``: a threshold whose selective risk (share of wrong predictions among the accepted)
+          is at most ``risk`` with probability ``1 - delta`` (:func:`ebood.selective.calibrate`,
+          ``method="sgr"`` or ``"ltt"``). Which predictions were right comes from ``correct``
+          (bool per sample) or else from ``argmax(logits) == labels`` of ``id_outputs``.
+        """
+        if risk is not None and tpr is not None:
+            raise ValueError("calibrate takes either tpr= (share of ID kept) or risk= (guaranteed selective risk), not both")
         scores = self.score(id_outputs)
         finite = torch.isfinite(scores)
         if not bool(finite.all()):
             raise ValueError(f"detector {self.name!r} gave {int((~finite).sum())} non-finite scores on the calibration outputs")
-        self.threshold_ = id_threshold(scores, tpr)
-        self.calibration_tpr_ = float(tpr)
+        for key in ("calibration_tpr_", "calibration_risk_", "calibration_delta_", "calibration_method_"):
+            self.__dict__.pop(key, None)
+        if risk is None:
+            tpr = 0.95 if tpr is None else tpr
+            self.threshold_ = id_threshold(scores, tpr)
+            self.calibration_tpr_ = float(tpr)
+            return self
+        if correct is None:
+            correct = self._correct(id_outputs)
+        with warnings.catch_warnings():  # the error below says it better than calibrate's warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            threshold = selective.calibrate(scores, correct, risk=risk, delta=delta, method=method)
+        if not math.isfinite(threshold):
+            raise ValueError(
+                f"detector {self.name!r}: no threshold certifies a selective risk <= {risk} at delta = {delta} "
+                f"from {len(scores)} calibration samples; give more samples or a larger risk"
+            )
+        self.threshold_ = threshold
+        self.calibration_risk_ = float(risk)
+        self.calibration_delta_ = float(delta)
+        self.calibration_method_ = str(method)
         return self
 
-    def predict(self, outputs: Outputs) -> torch.Tensor:
-        """A bool tensor, True where a sample is flagged as OOD (``score > threshold_``)."""
+    def _correct(self, outputs: Outputs | torch.Tensor) -> torch.Tensor:
+        """Whether the classifier's prediction ``argmax(logits)`` matches ``labels``, per sample."""
+        if isinstance(outputs, torch.Tensor):
+            raise MissingFieldError("calibrate(risk=...) on a tensor needs correct=... (which predictions were right)")
+        missing = [f for f in ("logits", "labels") if not outputs.has(f)]
+        if missing:
+            raise MissingFieldError(
+                f"calibrate(risk=...) needs Outputs.{' and Outputs.'.join(missing)} to tell right predictions from wrong ones "
+                "(or pass correct=...)"
+            )
+        return outputs.logits.argmax(dim=1).to("cpu") == outputs.labels.to("cpu")
+
+    def predict(self, outputs: Outputs | torch.Tensor, *, tpr: float | None = None, risk: float | None = None) -> torch.Tensor:
+        """A bool tensor, True where a sample is flagged (``score > threshold_``): OOD, or a
+        prediction to reject.
+
+        ``tpr=`` / ``risk=`` state the target the caller relies on; the threshold must have been
+        calibrated for it (for ``risk``: calibrated with a risk at most that; for ``tpr``: with a
+        tpr at least that), otherwise a ValueError says so instead of using a wrong threshold.
+        """
         if self.threshold_ is None:
             raise NotFittedError(f"detector {self.name!r} has no threshold: call calibrate() on ID validation outputs first")
+        self._check_target(tpr, risk)
         return self.score(outputs) > self.threshold_
+
+    def _check_target(self, tpr: float | None, risk: float | None) -> None:
+        got_risk = getattr(self, "calibration_risk_", None)
+        got_tpr = getattr(self, "calibration_tpr_", None)
+        how = f"risk <= {got_risk}" if got_risk is not None else f"tpr = {got_tpr}" if got_tpr is not None else "an unknown target"
+        if risk is not None and (got_risk is None or got_risk > float(risk)):
+            raise ValueError(f"detector {self.name!r}: the threshold was calibrated for {how}, not for a selective risk <= {risk}; call calibrate(..., risk={risk})")
+        if tpr is not None and (got_tpr is None or got_tpr < float(tpr)):
+            raise ValueError(f"detector {self.name!r}: the threshold was calibrated for {how}, not for tpr >= {tpr}; call calibrate(..., tpr={tpr})")
 
     # ----- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

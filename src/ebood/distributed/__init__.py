@@ -1,4 +1,4 @@
-"""Fit and score on a Ray cluster when one machine is not enough (``pip install 'ebood[ray]'``).
+"""Fit and score on a Ray cluster when one machine is not enough (needs the ``ray`` extra: ``pip install -e '.[ray]'`` in ebood's clone).
 
 ebood does not schedule work itself: Ray Data reads, batches and writes (``map_batches``,
 ``write_parquet``), Ray tasks merge partial fits and Ray retries tasks lost to a failed worker.
@@ -19,12 +19,12 @@ try:
     import ray  # noqa: F401
     import ray.data  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("ebood.distributed needs Ray Data: pip install 'ebood[ray]'") from exc
+    raise ImportError("ebood.distributed needs Ray Data: in ebood's clone, .venv/bin/pip install -c constraints-cpu.txt -e '.[ray]'") from exc
 
 from ._api import check_mergeable, fit, mergeable, score
 from ._knn import ShardedKNN
 from ._metrics import evaluate
-from ._runtime import init_ray, write_parquet_atomic
+from ._runtime import init_ray, set_verbose, write_parquet_atomic
 from ._source import PartitionError, parquet_files
 
-__all__ = ["score", "fit", "evaluate", "mergeable", "check_mergeable", "ShardedKNN", "PartitionError", "init_ray", "parquet_files", "write_parquet_atomic"]
+__all__ = ["score", "fit", "evaluate", "mergeable", "check_mergeable", "ShardedKNN", "PartitionError", "init_ray", "set_verbose", "parquet_files", "write_parquet_atomic"]

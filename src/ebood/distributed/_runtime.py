@@ -17,6 +17,32 @@ from ._source import PartitionError
 MAX_RETRIES = 3
 
 
+_verbose = False
+
+
+def set_verbose(verbose: bool = True) -> None:
+    """Show Ray Data's INFO lines (about 20 per job: execution plans, progress hints) during
+    ebood's jobs, and Ray's own start-up lines; off by default (``ebood ... --ray --verbose``)."""
+    global _verbose
+    _verbose = bool(verbose)
+
+
+@contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data's logger at WARNING for the duration (unless :func:`set_verbose`); restored after.
+    Its log file in the Ray session directory keeps what the console would have shown at INFO."""
+    if _verbose:
+        yield
+        return
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 _ERROR_LINE = re.compile(r"^(?P<kind>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.+)$")
 
 
@@ -61,9 +87,10 @@ def clean_errors(context: str = "") -> Iterator[None]:
     traceback, on the console or in the message): a :class:`PartitionError` (bad input, naming
     file and rows; e.g. a corrupt Parquet file and the reader's cause), or a ValueError /
     TypeError (a detector refusing its input, prefixed with ``context``). Other failures (a node
-    lost after its retries, a bug) propagate unchanged."""
+    lost after its retries, a bug) propagate unchanged. Ray Data's INFO lines are quiet meanwhile
+    (see :func:`set_verbose`)."""
     try:
-        with _console_without_tracebacks():
+        with quiet_ray_data(), _console_without_tracebacks():
             yield
     except Exception as exc:
         import ray.exceptions
@@ -145,6 +172,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Callable[[], None]:
 
     if ray.is_initialized():
         return lambda: None
+    kwargs.setdefault("logging_level", logging.INFO if _verbose else logging.WARNING)
     ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
     return ray.shutdown
 

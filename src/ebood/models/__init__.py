@@ -4,7 +4,7 @@
 v1.5) and ``DigitsCNN`` (the built-in digits benchmark) all end in an ``nn.Linear`` head ``fc``.
 """
 
-from .architectures import DigitsCNN, ResNet18, WideResNet
+from .architectures import DigitsCNN, FashionCNN, ResNet18, WideResNet
 from .loading import BUILTINS, ModelLoadError, load_model, load_state_dict
 
-__all__ = ["WideResNet", "ResNet18", "DigitsCNN", "load_model", "load_state_dict", "BUILTINS", "ModelLoadError"]
+__all__ = ["WideResNet", "ResNet18", "DigitsCNN", "FashionCNN", "load_model", "load_state_dict", "BUILTINS", "ModelLoadError"]

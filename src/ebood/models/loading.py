@@ -4,7 +4,7 @@ optionally with a state-dict checkpoint. Never unpickles arbitrary objects.
 * TorchScript: any existing file that ``torch.jit.load`` reads (code and weights together).
 * Entry point: ``"package.module:function"`` (or ``module:Class``, ``module:obj.attr``): imported and
   called with ``**kwargs``; it must return an ``nn.Module``.
-* Built-in names: :data:`BUILTINS` (``wrn40_2``, ``resnet18_cifar``, ``digits_cnn``), called with
+* Built-in names: :data:`BUILTINS` (``wrn40_2``, ``resnet18_cifar``, ``digits_cnn``, ``fashion_cnn``), called with
   ``**kwargs`` (e.g. ``num_classes=100``).
 * Checkpoint: a state dict in a ``.safetensors`` file (an ebood checksum header, as written by
   ``ebood.train``, is verified), or a ``.pt`` / ``.pth`` / ``.bin`` file read with
@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .architectures import DigitsCNN, ResNet18, WideResNet
+from .architectures import DigitsCNN, FashionCNN, ResNet18, WideResNet
 
 __all__ = ["load_model", "load_state_dict", "BUILTINS", "ModelLoadError"]
 
@@ -47,6 +47,7 @@ BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": ResNet18,
     "resnet18": ResNet18,
     "digits_cnn": DigitsCNN,
+    "fashion_cnn": FashionCNN,
 }
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "model_state")

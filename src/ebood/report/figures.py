@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["SetScores", "detector_figure", "overview_figure", "png_data_uri", "ID_COLOUR", "OOD_COLOUR", "SET_COLOURS"]
+__all__ = ["SetScores", "detector_figure", "overview_figure", "risk_coverage_figure", "png_data_uri", "ID_COLOUR", "OOD_COLOUR", "SET_COLOURS"]
 
 # Okabe & Ito's colour-blind-safe palette for the two classes ...
 ID_COLOUR = "#0072B2"  # blue
@@ -291,3 +291,32 @@ def Figure_constrained(width: float, height: float):  # noqa: N802 - a construct
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def risk_coverage_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], correct: np.ndarray, *, title: str = "") -> str:
+    """Risk-coverage curves (Geifman & El-Yaniv 2017) of several detectors on one model's ID test
+    predictions: ``curves`` maps a label to ``(scores, aurc)``; the optimal ordering (every correct
+    prediction first) is the dashed grey line. Risk in percent; lower is better."""
+    import matplotlib
+
+    from ..metrics import risk_coverage
+
+    n, wrong = correct.size, int((~correct).sum())
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure_constrained(6.4, 3.4)
+        ax = fig.subplots()
+        k = np.arange(1, n + 1)
+        ax.plot(k / n, 100 * np.maximum(k - (n - wrong), 0) / k, color="#999999", linestyle="--", linewidth=1.0, label="optimal")
+        for i, (label, (scores, aurc)) in enumerate(curves.items()):
+            coverage, risk = risk_coverage(scores, correct)
+            ax.step(np.r_[0.0, coverage], 100 * np.r_[risk[0], risk], where="post", linewidth=1.3,
+                    color=SET_COLOURS[i % len(SET_COLOURS)], label=f"{label} (AURC {100 * aurc:.2f})")
+        ax.set_xlabel("coverage (share of predictions accepted)")
+        ax.set_ylabel("selective risk (% wrong)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.grid(color="#EEEEEE", linewidth=0.6)
+        if title:
+            ax.set_title(title, loc="left")
+        ax.legend(loc="upper left", fontsize=8)
+        return png_data_uri(fig)

@@ -21,11 +21,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
+
 from ..io import FileWriteError, atomic_write_text
 from ..metrics import METRIC_NAMES
 from ..tables import best_mask, metric_label, percent
 from . import figures as plots
-from .results import ID_KEY, OOD_GROUPS, Results, ReportError, load_results, read_scores, score_key
+from .results import ID_KEY, OOD_GROUPS, Results, ReportError, correct_key, load_results, read_scores, score_key
 
 __all__ = ["write_report", "render_report", "figure_pairs", "REPORT_FILE"]
 
@@ -439,6 +441,56 @@ def _how_to_read(results: Results) -> str:
 </ul></details>"""
 
 
+# ----- failure detection and selective prediction (docs/failure.md) ---------------------------
+
+#: detectors drawn in a model's risk-coverage figure: the best by AURC (plus msp, the baseline)
+RISK_COVERAGE_CURVES = 6
+_EVERY_GROUP = OOD_GROUPS + ("covariate",)
+
+
+def failure_table(results: Results) -> str:
+    """Misclassification AUROC and AURC on the ID test predictions, failure AURC over ID + OOD."""
+    columns = [("failure:misclf", "misclf_auroc", lambda mo, de: results.mean(mo, de, _EVERY_GROUP, "misclf_auroc")),
+               ("failure:aurc", "aurc", lambda mo, de: results.mean(mo, de, _EVERY_GROUP, "aurc")),
+               ("failure:ood", "failure_aurc", lambda mo, de: results.mean(mo, de, OOD_GROUPS, "failure_aurc"))]
+    head = ("<th class='num'>misclassification AUROC ↑</th><th class='num'>AURC ↓ (ID)</th>"
+            "<th class='num'>failure AURC ↓ (ID + OOD set, mean)</th>")
+    return (f"<div class='scroll'><table class='results' id='failure-table'><thead><tr><th>detector</th>{head}</tr></thead>"
+            f"<tbody>{_body(results, columns, 1 + len(columns))}</tbody></table></div>")
+
+
+def risk_coverage_figures(results: Results) -> str:
+    """One risk-coverage figure per model whose ID correctness was saved."""
+    keys = {correct_key(m) for m in results.models} | {score_key(m, d, ID_KEY) for m, d in results.pairs}
+    scores, _ = read_scores(results, keys)
+    out = []
+    for model in results.models:
+        correct = scores.get(correct_key(model))
+        if correct is None or correct.size == 0:
+            continue
+        aurc = {d: results.mean(model, d, _EVERY_GROUP, "aurc") for d in results.detectors_of(model)}
+        ranked = sorted((d for d, v in aurc.items() if not math.isnan(v)), key=aurc.__getitem__)
+        shown = ranked[:RISK_COVERAGE_CURVES] + [d for d in ranked[RISK_COVERAGE_CURVES:] if d == "msp"]
+        curves = {detector_name(d): (scores[score_key(model, d, ID_KEY)], aurc[d]) for d in shown
+                  if scores.get(score_key(model, d, ID_KEY), np.empty(0)).size == correct.size}
+        if curves:
+            uri = plots.risk_coverage_figure(curves, correct > 0.5, title=model_name(model))
+            out.append(f"<figure class='plot'><img src='{uri}' alt='Risk-coverage curves of the {e(model)} model'>"
+                       f"<figcaption>{e(model_name(model))}: share of wrong predictions among the accepted ones as the threshold "
+                       f"accepts more (the {len(curves)} detectors with the lowest AURC{', and MSP' if 'msp' in shown[RISK_COVERAGE_CURVES:] else ''}).</figcaption></figure>")
+    return "".join(out)
+
+
+def _failure_section(results: Results) -> str:
+    if not results.has_failure_metrics():
+        return ""
+    return ("<section id='failure'><h2>Failure detection and selective prediction</h2>"
+            "<p class='note'>Rejecting the predictions that would be wrong (docs/failure.md): misclassification AUROC with the "
+            "correct predictions as the kept class, AURC (area under the risk-coverage curve) on the ID test set, and failure AURC "
+            "over ID and each OOD set with every OOD sample counted as a failure (Jaeger et al., ICLR 2023).</p>"
+            f"{failure_table(results)}{risk_coverage_figures(results)}</section>")
+
+
 def render_report(results: Results, *, figures_mode: Literal["auto", "all", "none"] = "auto",
                   workers: int | None = None) -> str:
     """The report page as a string (``workers``: processes drawing figures; default: one per CPU)."""
@@ -461,7 +513,7 @@ def render_report(results: Results, *, figures_mode: Literal["auto", "all", "non
 <style>{CSS}</style>
 </head>
 <body>
-<nav class="bar"><b>ebood</b><a href="#overview">Overview</a><a href="#summary">Summary</a><a href="#per-set">Per OOD set</a><a href="#detectors">Detectors</a></nav>
+<nav class="bar"><b>ebood</b><a href="#overview">Overview</a><a href="#summary">Summary</a><a href="#per-set">Per OOD set</a>{'<a href="#failure">Failure</a>' if results.has_failure_metrics() else ''}<a href="#detectors">Detectors</a></nav>
 <main>
 {_header(results)}
 {warning}
@@ -469,6 +521,7 @@ def render_report(results: Results, *, figures_mode: Literal["auto", "all", "non
 <section id="overview"><h2>Overview</h2>{_overview(results)}</section>
 <section id="summary"><h2>Summary: means over OOD sets</h2>{summary_table(results)}</section>
 <section id="per-set"><h2>Per OOD set</h2><div class="tabs" role="tablist">{metric_tabs}</div>{per_set}</section>
+{_failure_section(results)}
 <section id="detectors"><h2>Detectors</h2>{_detector_index(results)}{_detector_sections(results, uris, note)}</section>
 <footer>Rendered by ebood from <code>results.json</code> and <code>scores.safetensors</code> in {e(results.directory.name)}. Re-render with <code>ebood report {e(results.directory.name)}</code>.</footer>
 </main>

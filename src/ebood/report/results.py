@@ -3,7 +3,8 @@
 The layout is the one the benchmark runner writes (``/work/notes/interfaces.md``)::
 
     results.json        metadata + "rows": one object per (model, detector, OOD set), metrics as fractions
-    scores.safetensors  float32 1-D tensors keyed "{model}/{detector}/{set}", set = OOD set or "id_test"
+    scores.safetensors  float32 1-D tensors keyed "{model}/{detector}/{set}", set = OOD set or "id_test",
+                        and "{model}/id_correct" (1 = the ID test prediction was right) when labels are known
 
 Everything here is plain data: the HTML report and the terminal table both build on :class:`Results`.
 Group means follow the energy paper (Liu, Wang, Owens & Li, NeurIPS 2020): the mean of a metric over
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..metrics import METRIC_NAMES
 
-__all__ = ["ReportError", "Results", "load_results", "read_scores", "MEAN_COLUMNS", "OOD_GROUPS"]
+__all__ = ["ReportError", "Results", "load_results", "read_scores", "MEAN_COLUMNS", "OOD_GROUPS", "FAILURE_METRICS"]
 
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.safetensors"
@@ -31,6 +32,9 @@ ID_KEY = "id_test"
 #: groups whose sets are out-of-distribution (and so enter the means), in display order
 OOD_GROUPS = ("near", "far")
 GROUPS = OOD_GROUPS + ("covariate",)
+
+#: optional row metrics of failure detection (docs/failure.md); absent in older results
+FAILURE_METRICS = ("misclf_auroc", "aurc", "failure_aurc")
 
 #: summary columns: (key, label, groups averaged)
 MEAN_COLUMNS = (("near", "near-OOD mean", ("near",)), ("far", "far-OOD mean", ("far",)), ("all", "OOD mean", OOD_GROUPS))
@@ -127,6 +131,10 @@ class Results:
             return math.nan
         return float(np.mean([self.value(model, detector, s, metric) for s in sets], dtype=np.float64))
 
+    def has_failure_metrics(self) -> bool:
+        """Whether the runner measured failure detection (the ID test labels were known)."""
+        return any("aurc" in v for v in self.values.values())
+
     def reference(self) -> tuple[str, dict[str, float], str] | None:
         """Published numbers of the protocol (a preset's ``[reference]``): (metric, percent values keyed
         ``"model/detector"``, source), or None when there are none."""
@@ -188,7 +196,7 @@ def _parse_rows(doc: Mapping[str, Any], path: Path) -> list[Row]:
         missing = [m for m in METRIC_NAMES if m not in row]
         if missing:
             raise ReportError(f"{where}: missing metric {', '.join(missing)}")
-        metrics = {m: _metric(row[m], where, m) for m in METRIC_NAMES}
+        metrics = {m: _metric(row[m], where, m) for m in METRIC_NAMES + tuple(f for f in FAILURE_METRICS if f in row)}
         parsed.append(Row(group=group, metrics=metrics, **names))
     return parsed
 
@@ -258,3 +266,8 @@ def read_scores(results: Results, keys: Iterable[str]) -> tuple[dict[str, np.nda
 
 def score_key(model: str, detector: str, ood_set: str) -> str:
     return f"{model}/{detector}/{ood_set}"
+
+
+def correct_key(model: str) -> str:
+    """Key of a model's ID test correctness (1 = the prediction was right) in scores.safetensors."""
+    return f"{model}/id_correct"

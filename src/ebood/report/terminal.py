@@ -29,7 +29,7 @@ from rich.text import Text
 from ..tables import best_mask, metric_label, percent
 from .results import OOD_GROUPS, Results, _index, _parse_rows
 
-__all__ = ["results_table", "fit_results", "LAYOUTS", "summary_notes"]
+__all__ = ["results_table", "fit_results", "LAYOUTS", "summary_notes", "failure_results_table"]
 
 #: the layouts :func:`fit_results` tries, richest first
 LAYOUTS = ("per-set", "means", "by-model", "fpr-means", "fpr-by-model", "lines")
@@ -201,3 +201,28 @@ def summary_notes(results: Results | Mapping[str, Any]) -> list[str]:
     if isinstance(raw_notes, list):
         notes += [f"note: {n}" for n in raw_notes]
     return notes
+
+
+def failure_results_table(results: Results | Mapping[str, Any]) -> Table | None:
+    """Failure detection per (model, detector): misclassification AUROC and AURC on the ID test
+    predictions, failure AURC over ID + OOD (mean over the OOD sets); None when not measured."""
+    res = _as_results(results)
+    if not res.has_failure_metrics():
+        return None
+    every = OOD_GROUPS + ("covariate",)
+    columns = [("misclf. AUROC ↑", "misclf_auroc", every), ("AURC ↓\n(ID)", "aurc", every), ("failure AURC ↓\n(ID + OOD)", "failure_aurc", OOD_GROUPS)]
+    table = Table(title=f"{res.benchmark}: failure detection (%), correct predictions kept; OOD counted as failures")
+    table.add_column("model", no_wrap=True)
+    table.add_column("detector", no_wrap=True, style="bold")
+    for name, _, _ in columns:
+        table.add_column(name, justify="right")
+    values = [[res.mean(m, d, groups, key) for m, d in res.pairs] for _, key, groups in columns]
+    best = [best_mask(v, key) for v, (_, key, _) in zip(values, columns)]
+    current = None
+    for i, (model, det) in enumerate(res.pairs):
+        if model != current and current is not None:
+            table.add_section()
+        cells = [f"[bold]{percent(v[i])}[/]" if b[i] else percent(v[i]) for v, b in zip(values, best)]
+        table.add_row(model if model != current else "", det, *cells)
+        current = model
+    return table

@@ -73,6 +73,9 @@ def split_batch(batch: Any, name: str, need_labels: bool) -> tuple[torch.Tensor,
 def _loader(dataset: Dataset, batches: Iterable[list[int]], num_workers: int) -> DataLoader:
     # A private generator: otherwise every new DataLoader iterator draws its worker base seed from
     # the global RNG, which would shift the dropout masks of a resumed run.
+    if getattr(dataset, "batch_indexing", False):  # in-memory tensors (ebood's ArrayDataset): one slice per batch
+        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,  # type: ignore[arg-type]
+                          generator=torch.Generator().manual_seed(0))
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
                       generator=torch.Generator().manual_seed(0))
 

@@ -55,8 +55,12 @@ def train_classifier(
     num_workers: int = 0,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    loss: Callable[..., LossParts] | None = None,
 ) -> torch.nn.Module:
-    """Train ``model`` on labelled ``data`` with cross-entropy and return it (in eval mode).
+    """Train ``model`` in place on labelled ``data`` with cross-entropy; return that same object (in eval mode).
+
+    Like :func:`ebood.train.finetune`, the model given is the model trained: ``train_classifier(model, ...)``
+    and ``model = train_classifier(model, ...)`` are the same; copy it first (``copy.deepcopy``) to keep it.
 
     The defaults are the pre-training recipe of the WideResNets in the energy-OOD and Outlier
     Exposure papers (Hendrycks, Mazeika & Dietterich, ICLR 2019): 100 epochs of SGD with Nesterov
@@ -64,11 +68,16 @@ def train_classifier(
     ``lr_min``. ``optimizer="adam"`` uses Adam (``momentum`` / ``nesterov`` unused; weight decay
     as L2 penalty) instead; it trains small models such as ``ebood.models.DigitsCNN`` in a few
     epochs. Data, seeding, checkpoints, resuming, ``output`` / ``info``, interruption and the
-    non-finite-loss stop work as in :func:`ebood.train.finetune`.
+    non-finite-loss stop work as in :func:`ebood.train.finetune`. ``loss``: another objective
+    called as ``loss(logits, labels)`` and returning :class:`LossParts`, e.g.
+    :class:`ebood.train.LogitNormLoss` (default: plain cross-entropy).
     """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    settings = build_settings("classifier", {"loss": "cross_entropy"}, epochs, lr, lr_min, momentum,
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be callable as loss(logits, labels), got {type(loss).__name__}")
+    loss_config = {"loss": "cross_entropy"} if loss is None else (loss.config() if hasattr(loss, "config") else repr(loss))
+    settings = build_settings("classifier", loss_config, epochs, lr, lr_min, momentum,
                          nesterov and optimizer == "sgd", weight_decay, batch_size, None, seed, optimizer)
     settings.update(model=type(model).__name__, id_data=describe_data(data))
     dev = resolve_device(model, device)
@@ -78,7 +87,7 @@ def train_classifier(
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     r = Run(
-        model=model, loss_fn=cross_entropy_loss, optimizer=opt,
+        model=model, loss_fn=cross_entropy_loss if loss is None else loss, optimizer=opt,
         id_source=LabelledSource(as_dataset(data, "data"), batch_size, seed, num_workers, "data"),
         outlier_source=None, settings=add_info(settings, info, augment), augment=augment, device=dev,
         progress=progress, on_step=on_step, on_epoch=on_epoch,

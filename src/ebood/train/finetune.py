@@ -18,15 +18,16 @@ from .augment import BatchAugment
 from .batches import LabelledSource, OutlierSource, as_dataset
 from .loop import (EpochMetrics, Run, StepInfo, add_info, build_settings, describe_data, output_paths,
                    resolve_device, run, validation_source)
-from .losses import EnergyBoundedLoss, LossParts, OutlierExposureLoss
+from .losses import EnergyBoundedLoss, LogitNormLoss, LossParts, OutlierExposureLoss
 
 __all__ = ["finetune", "make_loss"]
 
-LOSSES = {"energy": EnergyBoundedLoss, "oe": OutlierExposureLoss}
+LOSSES = {"energy": EnergyBoundedLoss, "oe": OutlierExposureLoss, "logitnorm": LogitNormLoss}
 
 
-def make_loss(name: str, **params: Any) -> EnergyBoundedLoss | OutlierExposureLoss:
-    """``"energy"`` -> :class:`EnergyBoundedLoss`, ``"oe"`` -> :class:`OutlierExposureLoss`, with ``params``."""
+def make_loss(name: str, **params: Any) -> EnergyBoundedLoss | OutlierExposureLoss | LogitNormLoss:
+    """``"energy"`` -> :class:`EnergyBoundedLoss`, ``"oe"`` -> :class:`OutlierExposureLoss`,
+    ``"logitnorm"`` -> :class:`LogitNormLoss`, with ``params``."""
     try:
         cls = LOSSES[name]
     except KeyError:
@@ -45,7 +46,7 @@ def finetune(
     model: torch.nn.Module,
     id_data: Any,
     outlier_data: Any,
-    loss: EnergyBoundedLoss | OutlierExposureLoss | str | Callable[..., LossParts] = "energy",
+    loss: EnergyBoundedLoss | OutlierExposureLoss | LogitNormLoss | str | Callable[..., LossParts] = "energy",
     *,
     epochs: int = 10,
     lr: float = 1e-3,
@@ -68,7 +69,11 @@ def finetune(
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> torch.nn.Module:
-    """Fine-tune ``model`` on ``id_data`` with auxiliary ``outlier_data`` and return it (in eval mode).
+    """Fine-tune ``model`` in place on ``id_data`` with auxiliary ``outlier_data``; return that same object (in eval mode).
+
+    As with :func:`ebood.train.train_classifier`, the model given is the model trained:
+    ``finetune(model, ...)`` and ``model = finetune(model, ...)`` are the same; copy it first
+    (``copy.deepcopy``) to keep the pre-trained weights.
 
     Parameters
     ----------
@@ -77,9 +82,10 @@ def finetune(
         tuple of tensors ``(inputs, labels)``.
     outlier_data: auxiliary outliers: a Dataset / DataLoader of ``input`` or ``(input, label)``
         (labels, e.g. -1, are ignored), or a tensor of inputs. Must not overlap the OOD test sets.
+        ``None`` for a loss that uses no outliers (``loss.needs_outliers`` is False: LogitNorm).
     loss: an :class:`EnergyBoundedLoss` (default settings when ``"energy"``), an
-        :class:`OutlierExposureLoss` (``"oe"``), or any callable ``(in_logits, labels, out_logits)``
-        returning :class:`LossParts`.
+        :class:`OutlierExposureLoss` (``"oe"``), a :class:`LogitNormLoss` (``"logitnorm"``), or any
+        callable ``(in_logits, labels, out_logits)`` returning :class:`LossParts`.
     epochs, lr, lr_min, momentum, nesterov, weight_decay: SGD with the learning rate annealed per
         step from ``lr`` to ``lr_min`` on a cosine (the official code's ``LambdaLR``).
     id_batch_size, outlier_batch_size: samples per step (ignored for data given as DataLoaders).
@@ -109,19 +115,21 @@ def finetune(
     if isinstance(loss, str):
         loss = make_loss(loss)
     if not callable(loss):
-        raise TypeError(f"loss must be a loss object, a callable or 'energy' / 'oe', got {type(loss).__name__}")
+        raise TypeError(f"loss must be a loss object, a callable or 'energy' / 'oe' / 'logitnorm', got {type(loss).__name__}")
+    if outlier_data is None and getattr(loss, "needs_outliers", True):
+        raise ValueError(f"outlier_data is None, but {loss!r} needs auxiliary outliers")
     settings = build_settings("finetune", _loss_config(loss), epochs, lr, lr_min, momentum, nesterov, weight_decay,
                               id_batch_size, outlier_batch_size, seed, "sgd")
     settings.update(model=type(model).__name__, id_data=describe_data(id_data),
-                    outlier_data=describe_data(outlier_data))
+                    outlier_data=None if outlier_data is None else describe_data(outlier_data))
     dev = resolve_device(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
                                 nesterov=nesterov, weight_decay=settings["weight_decay"])
     r = Run(
         model=model, loss_fn=loss, optimizer=optimizer,
         id_source=LabelledSource(as_dataset(id_data, "id_data"), id_batch_size, seed, num_workers, "id_data"),
-        outlier_source=OutlierSource(as_dataset(outlier_data, "outlier_data"), outlier_batch_size, seed,
-                                     num_workers, "outlier_data"),
+        outlier_source=None if outlier_data is None else OutlierSource(
+            as_dataset(outlier_data, "outlier_data"), outlier_batch_size, seed, num_workers, "outlier_data"),
         settings=add_info(settings, info, augment), augment=augment, device=dev, progress=progress,
         on_step=on_step, on_epoch=on_epoch, validation=validation_source(validation, id_batch_size, seed, num_workers),
         **output_paths(checkpoint_dir, resume, output),

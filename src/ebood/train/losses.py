@@ -1,12 +1,14 @@
-"""Training objectives that use auxiliary outliers: energy-bounded learning and Outlier Exposure.
+"""Training objectives: energy-bounded learning and Outlier Exposure (with auxiliary outliers), LogitNorm.
 
-Both losses are called as ``loss(in_logits, labels, out_logits)`` and return a :class:`LossParts`
-whose ``total`` is the scalar to back-propagate. The parts obey one formula for both losses::
+The losses are called as ``loss(in_logits, labels, out_logits)`` and return a :class:`LossParts`
+whose ``total`` is the scalar to back-propagate. The parts obey one formula for all losses::
 
     total = ce + weight * (in_term + out_term)
 
 so logging code can treat them alike. ``in_term`` and ``out_term`` are the *unweighted*
 regularisers; Outlier Exposure has no in-distribution regulariser and reports ``in_term = 0``.
+:class:`LogitNormLoss` uses no outliers (``out_logits`` is optional and ignored): its ``ce`` is the
+cross-entropy of the normalised logits and both regularisers are 0.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossParts", "EnergyBoundedLoss", "OutlierExposureLoss", "free_energy"]
+__all__ = ["LossParts", "EnergyBoundedLoss", "OutlierExposureLoss", "LogitNormLoss", "free_energy"]
 
 
 class LossParts(NamedTuple):
@@ -89,6 +91,24 @@ def _check_inputs(in_logits: torch.Tensor, labels: torch.Tensor, out_logits: tor
         )
 
 
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """``(N, C)`` floating logits and ``(N,)`` integer labels in ``[0, C)``, each error naming the argument."""
+    for name, t in (("logits", logits), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if logits.ndim != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating tensor of shape (batch, classes), got {tuple(logits.shape)} {logits.dtype}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits is empty: the batch needs at least one sample")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},) to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= logits.shape[1]:
+        raise ValueError(f"labels must be class indices in [0, {logits.shape[1] - 1}], found {lo if lo < 0 else hi}")
+
+
 class EnergyBoundedLoss:
     """Energy-bounded learning objective (Liu, Wang, Owens & Li, NeurIPS 2020, eq. 9)::
 
@@ -154,3 +174,42 @@ class OutlierExposureLoss:
 
     def __repr__(self) -> str:
         return f"OutlierExposureLoss(weight={self.weight})"
+
+
+class LogitNormLoss:
+    """LogitNorm (Wei, Xie, Cheng, Feng, An & Li, "Mitigating Neural Network Overconfidence with
+    Logit Normalization", ICML 2022, eq. 5): the cross-entropy of logits scaled to norm ``1 / tau``::
+
+        total = ce = CE(f(x) / (tau * (||f(x)||_2 + 1e-7)), y)
+
+    The norm no longer grows with training, so the softmax cannot become over-confident by scaling
+    the logits; only their direction is learned. The 1e-7 guards a zero logit vector, as in the
+    official code. ``tau`` (the paper's temperature): 0.04 is the paper's CIFAR-10 setting (the
+    official README's example run uses 0.01; its argparse default 1.0 is plain normalisation).
+    Smaller ``tau`` means larger normalised logits. Called as ``loss(logits, labels)`` (an
+    ``out_logits`` third argument, passed by ``finetune``, is ignored: LogitNorm uses no outliers);
+    returns :class:`LossParts` with ``in_term = out_term = 0``.
+    """
+
+    #: ``ebood.train.finetune`` may be run without outlier data for this loss
+    needs_outliers = False
+
+    def __init__(self, tau: float = 0.04):
+        t = float(tau)
+        if not math.isfinite(t) or t <= 0:
+            raise ValueError(f"tau must be finite and > 0, got {tau!r}")
+        self.tau = t
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, out_logits: torch.Tensor | None = None) -> LossParts:
+        _check_logits_labels(logits, labels)
+        norms = torch.linalg.vector_norm(logits, dim=1, keepdim=True) + 1e-7
+        ce = F.cross_entropy(logits / (norms * self.tau), labels)
+        zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+        return LossParts(ce, ce, zero, zero)
+
+    def config(self) -> dict[str, float | str]:
+        """The settings as plain values (saved with checkpoints)."""
+        return {"loss": "logitnorm", "tau": self.tau}
+
+    def __repr__(self) -> str:
+        return f"LogitNormLoss(tau={self.tau})"

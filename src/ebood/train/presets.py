@@ -105,6 +105,9 @@ CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 #: Margins of the built-in benchmark (see docs/training.md for how they were chosen).
 BUILTIN_M_IN, BUILTIN_M_OUT = -15.0, -4.0
 
+#: Margins of the Fashion-MNIST benchmark (see docs/benchmarks.md for how they were chosen).
+FASHION_M_IN, FASHION_M_OUT = -11.0, -5.0
+
 PRESETS: dict[str, FinetunePreset] = {
     "cifar10": FinetunePreset(
         name="cifar10",
@@ -127,6 +130,14 @@ PRESETS: dict[str, FinetunePreset] = {
         energy={"m_in": BUILTIN_M_IN, "m_out": BUILTIN_M_OUT, "weight": 0.1}, oe={"weight": 0.5},
         epochs=10, lr=1e-2, id_batch_size=128, outlier_batch_size=256,
         pretrain=PretrainRecipe(epochs=10, lr=1e-2, optimizer="adam", batch_size=64),
+    ),
+    "fashion-mnist": FinetunePreset(
+        name="fashion-mnist",
+        description="the Fashion-MNIST benchmark: FashionCNN (6 epochs of Adam), one fine-tuning epoch on an ID subset",
+        model="fashion_cnn", num_classes=10, id_data="fashion-mnist:train",
+        energy={"m_in": FASHION_M_IN, "m_out": FASHION_M_OUT, "weight": 0.1}, oe={"weight": 0.5},
+        epochs=1, lr=1e-2, id_batch_size=128, outlier_batch_size=128,
+        pretrain=PretrainRecipe(epochs=6, lr=2e-3, optimizer="adam", batch_size=128, weight_decay=0.0),
     ),
 }
 
