@@ -71,11 +71,11 @@ MATRIX = {
     ("train", "unknown name"): (["train", "-m", "digits_cnn", "--data", "array:F/gray.npz", "--optimizer", "adamw", "-o", "F/t.safetensors", "--epochs", "1"], "adamw"),
     ("train", "bad hyperparameter"): (["train", "-m", "digits_cnn", "--data", "array:F/gray.npz", "--lr", "-1", "-o", "F/t.safetensors", "--epochs", "1"], "lr"),
     ("train", "unwritable output"): (["train", "-m", "digits_cnn", "--data", "array:F/gray.npz", "-o", "F/outdir.safetensors", "--epochs", "1"], "outdir.safetensors: cannot write: it is a directory"),
-    ("finetune", "missing file"): (["finetune", "-m", "digits_cnn", "--id", "array:F/missing.npz", "--outliers", "array:F/big.npz", "-o", "F/f.safetensors"], "missing.npz"),
-    ("finetune", "wrong type"): (["finetune", "-m", "digits_cnn", "--checkpoint", "F/text.pt", "--id", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "-o", "F/f.safetensors"], "text.pt"),
-    ("finetune", "unknown name"): (["finetune", "-m", "digits_cnn", "--id", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "--loss", "focal", "-o", "F/f.safetensors"], "unknown loss 'focal'"),
-    ("finetune", "bad hyperparameter"): (["finetune", "-m", "digits_cnn", "--id", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "--weight", "-1", "-o", "F/f.safetensors"], "weight"),
-    ("finetune", "unwritable output"): (["finetune", "-m", "digits_cnn", "--id", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "-o", "F/outdir.safetensors"], "outdir.safetensors: cannot write: it is a directory"),
+    ("finetune", "missing file"): (["finetune", "-m", "digits_cnn", "--data", "array:F/missing.npz", "--outliers", "array:F/big.npz", "-o", "F/f.safetensors"], "missing.npz"),
+    ("finetune", "wrong type"): (["finetune", "-m", "digits_cnn", "--checkpoint", "F/text.pt", "--data", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "-o", "F/f.safetensors"], "text.pt"),
+    ("finetune", "unknown name"): (["finetune", "-m", "digits_cnn", "--data", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "--loss", "focal", "-o", "F/f.safetensors"], "--loss must be"),
+    ("finetune", "bad hyperparameter"): (["finetune", "-m", "digits_cnn", "--data", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "--weight", "-1", "-o", "F/f.safetensors"], "weight"),
+    ("finetune", "unwritable output"): (["finetune", "-m", "digits_cnn", "--data", "array:F/gray.npz", "--outliers", "array:F/gray.npz", "-o", "F/outdir.safetensors"], "outdir.safetensors: cannot write: it is a directory"),
     ("report", "missing file"): (["report", "F/missing_results"], "missing_results"),
     ("report", "wrong type"): (["report", "F/z.npy"], "z.npy"),
     ("report", "unwritable output"): (["report", "F/results"], "results"),
@@ -124,7 +124,7 @@ def test_mean_of_three_channels_on_a_one_channel_model(files, tmp_path):
 
 
 def test_outliers_of_another_image_size(files, tmp_path):
-    line = one_error_line(RUNNER.invoke(app, ["finetune", "-m", "digits_cnn", "--id", f"array:{files}/gray.npz", "--outliers", f"array:{files}/big.npz",
+    line = one_error_line(RUNNER.invoke(app, ["finetune", "-m", "digits_cnn", "--data", f"array:{files}/gray.npz", "--outliers", f"array:{files}/big.npz",
                                               "--epochs", "1", "-o", str(tmp_path / "f.safetensors"), "--no-progress"]))
     assert "big.npz" in line and "(1, 16, 16)" in line and "(1, 8, 8)" in line and "--image-size" in line
     assert list(tmp_path.iterdir()) == []
