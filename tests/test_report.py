@@ -81,6 +81,8 @@ class _Page(HTMLParser):
         self.hidden: list[tuple[str, dict]] = []
         self._cell: dict | None = None
         self._text: list[str] = []
+        self._table: dict = {}
+        self._row: dict = {}
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -93,14 +95,25 @@ class _Page(HTMLParser):
             self.hidden.append((tag, a))
         if tag == "section" and "data-detector" in a:
             self.detector_sections.append(a["data-detector"])
-        if tag == "td" and ("data-metric" in a or "data-reference" in a):
-            self._cell, self._text = a, []
+        # a cell's model, detector and metric may be said once by its row or table
+        if tag == "table":
+            self._table = {k: v for k, v in a.items() if k.startswith("data-")}
+        if tag == "tr":
+            self._row = {k: v for k, v in a.items() if k.startswith("data-")}
+        if tag == "td":
+            a = {**self._table, **self._row, **a}
+            if "data-metric" in a or "data-reference" in a:
+                self._cell, self._text = a, []
 
     def handle_data(self, data):
         if self._cell is not None:
             self._text.append(data)
 
     def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = {}
+        if tag == "tr":
+            self._row = {}
         if tag == "td" and self._cell is not None:
             self.cells.append((self._cell, "".join(self._text).strip()))
             self._cell = None
@@ -155,7 +168,7 @@ def test_report_names_every_detector_set_and_model(rendered):
     page = _parse(path)
     text = path.read_text(encoding="utf-8")
     assert page.detector_sections == list(DETECTORS)
-    shown = {(c["data-model"], c["data-detector"], c["data-set"]) for c, _ in page.cells if "data-detector" in c}
+    shown = {(c["data-model"], c["data-detector"], c["data-set"]) for c, _ in page.cells if "data-set" in c}
     for model in MODELS:
         for det in DETECTORS:
             for name, _, _ in SETS:
@@ -172,7 +185,7 @@ def test_report_names_every_detector_set_and_model(rendered):
 def test_table_numbers_equal_the_rows(rendered):
     doc, path = rendered
     expected = _expected(doc)
-    cells = [(c, t) for c, t in _parse(path).cells if "data-detector" in c]
+    cells = [(c, t) for c, t in _parse(path).cells if "data-set" in c]
     assert len(cells) > 200
     seen = set()
     for c, text in cells:
@@ -217,7 +230,7 @@ def test_missing_metrics_show_a_dash_and_are_never_best(tmp_path):
 
 def test_covariate_set_is_not_in_the_means(rendered):
     doc, path = rendered
-    cells = {(c["data-model"], c["data-detector"], c["data-set"], c["data-metric"]): t for c, t in _parse(path).cells if "data-detector" in c}
+    cells = {(c["data-model"], c["data-detector"], c["data-set"], c["data-metric"]): t for c, t in _parse(path).cells if "data-set" in c}
     for model in MODELS:
         rows = [r for r in doc["rows"] if r["model"] == model and r["detector"] == "energy"]
         ood_only = np.mean([r["fpr95"] for r in rows if r["group"] != "covariate"])
@@ -232,7 +245,7 @@ def test_best_value_of_each_column_is_highlighted(rendered):
     # the summary and per-set tables: a column = (data-set, metric) across every (model, detector)
     columns: dict[tuple[str, str], list[tuple[float, bool]]] = {}
     for c, _ in _parse(path).cells:
-        if "data-detector" not in c:
+        if "data-set" not in c:
             continue
         key = (c["data-model"], c["data-detector"], c["data-set"], c["data-metric"])
         columns.setdefault((c["data-set"], c["data-metric"]), []).append((expected[key], "best" in c["class"].split()))
@@ -466,7 +479,11 @@ window.addEventListener('load', function () {
 def test_report_in_headless_chromium(rendered, tmp_path):
     _, path = rendered
     probe_page = tmp_path / "probe.html"
-    probe_page.write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    # detector sections open closed and their images load when opened: open them all for the probe
+    page = path.read_text(encoding="utf-8")
+    assert page.count("<details>") == len(DETECTORS) and "loading='lazy'" in page
+    page = page.replace("<details>", "<details open>").replace(" loading='lazy'", "")
+    probe_page.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     command = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -15,6 +15,7 @@ import typer
 from ..bench.presets import available_presets
 from ..detectors import available as available_detectors
 from ..report import write_report
+from ..report.figures import HISTOGRAM_AXES
 from ._app import app, command, fail  # noqa: F401
 from ._help import check_choice, one_of
 
@@ -28,9 +29,11 @@ _FIGURES_HELP = ("Report figures (histograms and ROC curves): " + one_of(FIGURE_
 def report_command(
     results_dir: Path = typer.Argument(..., help="A results directory written by `ebood bench` (results.json, scores.safetensors)."),
     figures: str = typer.Option("auto", "--figures", help=_FIGURES_HELP),
+    histogram_axis: str = typer.Option("auto", "--histogram-axis", help="Score histograms: " + one_of(HISTOGRAM_AXES) + ". auto: a log scale for a set that is one spike (as MSP's at -1); rank: the score's rank among ID scores."),
 ) -> None:
     """Render RESULTS_DIR/report.html again from results.json and scores.safetensors; print its path."""
-    path = write_report(results_dir, figures=check_choice(figures, FIGURE_MODES, "--figures"))  # type: ignore[arg-type]
+    path = write_report(results_dir, figures=check_choice(figures, FIGURE_MODES, "--figures"),  # type: ignore[arg-type]
+                        histogram_axis=check_choice(histogram_axis, HISTOGRAM_AXES, "--histogram-axis"))
     typer.echo(str(path))
 
 
@@ -108,7 +111,7 @@ def _print_table(results: dict) -> None:
     not a terminal), then the published numbers' source, the grid's choices and the run's notes."""
     from rich.console import Console
 
-    from ..report.terminal import failure_results_table, fit_results, summary_notes
+    from ..report.terminal import failure_results_table, fit_results, natural_width, summary_notes
 
     console = Console()
     if not console.is_terminal:
@@ -118,8 +121,10 @@ def _print_table(results: dict) -> None:
     if layout != "per-set":
         console.print(f"[dim]{console.width} columns: the {layout} layout; report.html and results.csv have every set[/]")
     failure = failure_results_table(results)
-    if failure is not None:
+    if failure is not None and natural_width(failure) <= console.width:  # never a cut number
         console.print(failure)
+    elif failure is not None:
+        console.print(f"[dim]failure-detection table left out at {console.width} columns: see report.html[/]")
     for note in summary_notes(results):
         console.print(note, markup=False, highlight=False)
 

@@ -5,10 +5,11 @@ turn the per-metric tables into tabs (without JavaScript every table is shown, o
 The page fetches nothing, so it can be mailed, archived or opened offline.
 
 Layout: a header (benchmark, versions, device, seed, timings, models with ID accuracy, OOD sets,
-auxiliary outliers), an overview dot plot, the summary table (group means of FPR95 / AUROC / AUPR-In /
-AUPR-Out, shaped like Table 1 of Liu, Wang, Owens & Li, NeurIPS 2020), one table per metric with a
-column per OOD set (covariate-shift sets apart, outside the means), and a section per detector with
-its numbers, score histograms and ROC curves.
+auxiliary outliers, the run's notes), an overview dot plot per group of models evaluated on the same
+sets, the summary table (group means of FPR95 / AUROC / AUPR-In / AUPR-Out, shaped like Table 1 of
+Liu, Wang, Owens & Li, NeurIPS 2020), one table per metric with a column per OOD set (covariate-shift
+sets apart, outside the means), and a closed section per detector with its numbers, ROC curves and
+score histograms on the sets each model was evaluated on (opened on click or by a link to it).
 """
 
 from __future__ import annotations
@@ -195,10 +196,12 @@ def _header(results: Results) -> str:
 # tables
 
 
-def _cell(value: float, model: str, detector: str, column: str, metric: str, best: bool) -> str:
+def _cell(value: float, column: str, metric: str, best: bool, inherited_metric: str | None = None) -> str:
+    """A number cell. Its model and detector are ``data-*`` attributes of its row, its metric of its
+    row or table where they all share one (``inherited_metric``): said once, the page is half as big."""
     cls = "num best" if best else "num"
-    return (f"<td class='{cls}' data-model='{e(model)}' data-detector='{e(detector)}' data-set='{e(column)}' "
-            f"data-metric='{metric}'>{percent(value)}</td>")
+    metric_attr = "" if metric == inherited_metric else f" data-metric='{metric}'"
+    return f"<td class='{cls}' data-set='{e(column)}'{metric_attr}>{percent(value)}</td>"
 
 
 def _row_head(model: str, detector: str) -> str:
@@ -212,9 +215,10 @@ def _model_separator(results: Results, model: str, span: int) -> str:
     return f"<tr class='model'><th colspan='{span}'>{e(model_name(model))}{acc_text}</th></tr>"
 
 
-def _body(results: Results, columns: Sequence[tuple[str, str, Any]], span: int, extra: Any = None) -> str:
+def _body(results: Results, columns: Sequence[tuple[str, str, Any]], span: int, extra: Any = None,
+          table_metric: str | None = None) -> str:
     """Rows grouped by model; ``columns`` = (data-set key, metric, value function(model, detector));
-    ``extra(model, detector)`` adds a last cell."""
+    ``extra(model, detector)`` adds a last cell; ``table_metric``: the table's ``data-metric``."""
     values = {(c, m): [fn(model, det) for model, det in results.pairs] for c, m, fn in columns}
     # No "best" among covariate-shift sets: whether a detector should flag them depends on the use.
     best = {key: [False] * len(v) if results.set_groups.get(key[0]) == "covariate" else best_mask(v, key[1])
@@ -224,8 +228,9 @@ def _body(results: Results, columns: Sequence[tuple[str, str, Any]], span: int, 
         if model != current:
             out.append(_model_separator(results, model, span))
             current = model
-        cells = "".join(_cell(values[(c, m)][i], model, det, c, m, best[(c, m)][i]) for c, m, _ in columns)
-        out.append(f"<tr>{_row_head(model, det)}{cells}{extra(model, det) if extra else ''}</tr>")
+        cells = "".join(_cell(values[(c, m)][i], c, m, best[(c, m)][i], table_metric) for c, m, _ in columns)
+        out.append(f"<tr data-model='{e(model)}' data-detector='{e(det)}'>{_row_head(model, det)}{cells}"
+                   f"{extra(model, det) if extra else ''}</tr>")
     return "".join(out)
 
 
@@ -277,48 +282,52 @@ def per_set_table(results: Results, metric: str) -> str:
     sub += "".join(f"<th class='num mean'>{e(label.replace(' mean', ''))}</th>" for _, label, _ in means)
     sub += "".join(f"<th class='num covariate'>{e(s)}</th>" for s in covariate)
     label = metric_label(metric, tpr=results.tpr, positive=results.positive)
-    return (f"<div class='scroll'><table class='results per-set' id='table-{metric}' data-metric-table='{metric}'>"
+    return (f"<div class='scroll'><table class='results per-set' id='table-{metric}' data-metric-table='{metric}' data-metric='{metric}'>"
             f"<caption>{e(label)} (%) {'lower' if metric == 'fpr95' else 'higher'} is better</caption>"
             f"<thead><tr><th rowspan='2'>detector</th>{top}</tr><tr>{sub}</tr></thead>"
-            f"<tbody>{_body(results, columns, span)}</tbody></table></div>")
+            f"<tbody>{_body(results, columns, span, table_metric=metric)}</tbody></table></div>")
 
 
 def _detector_table(results: Results, model: str, detector: str) -> str:
     """One model and detector: a row per metric, a column per OOD set, the means, then covariate sets
-    (wide and short, to sit above the figure of the same sets)."""
-    ood_sets = results.sets_in(OOD_GROUPS)
-    covariate = results.sets_in(("covariate",))
-    means = results.mean_columns()
+    (wide and short, to sit above the figure of the same sets); only the sets the model was evaluated on."""
+    evaluated = results.model_sets(model)
+    ood_sets = [s for s in results.sets_in(OOD_GROUPS) if s in evaluated]
+    covariate = [s for s in results.sets_in(("covariate",)) if s in evaluated]
+    means = [c for c in results.mean_columns() if any(s in evaluated for s in results.sets_in(c[2]))]
     head = "".join(f"<th class='num'>{e(s)}<br><span class='badge {results.set_groups[s]}'>{e(results.set_groups[s])}</span></th>"
                    for s in ood_sets)
     head += "".join(f"<th class='num mean'>{e(label)}</th>" for _, label, _ in means)
     head += "".join(f"<th class='num covariate'>{e(s)}<br><span class='badge covariate'>covariate</span></th>" for s in covariate)
     rows = []
     for m in METRIC_NAMES:
-        cells = [_cell(results.value(model, detector, s, m), model, detector, s, m, False) for s in ood_sets]
-        cells += [_cell(results.mean(model, detector, g, m), model, detector, f"mean:{k}", m, False) for k, _, g in means]
-        cells += [_cell(results.value(model, detector, s, m), model, detector, s, m, False) for s in covariate]
+        cells = [_cell(results.value(model, detector, s, m), s, m, False, m) for s in ood_sets]
+        cells += [_cell(results.mean(model, detector, g, m), f"mean:{k}", m, False, m) for k, _, g in means]
+        cells += [_cell(results.value(model, detector, s, m), s, m, False, m) for s in covariate]
         label = metric_label(m, tpr=results.tpr, positive=results.positive)
-        rows.append(f"<tr><th scope='row'>{e(label)} {'↓' if m == 'fpr95' else '↑'}</th>{''.join(cells)}</tr>")
-    return f"<table class='results compact'><thead><tr><th>%</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        rows.append(f"<tr data-metric='{m}'><th scope='row'>{e(label)} {'↓' if m == 'fpr95' else '↑'}</th>{''.join(cells)}</tr>")
+    return (f"<table class='results compact' data-model='{e(model)}' data-detector='{e(detector)}'><thead><tr><th>%</th>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 # ---------------------------------------------------------------------------------------------
 # figures and sections
 
 
-def _figure_jobs(results: Results, scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
+def _figure_jobs(results: Results, scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]],
+                 axis: str = "auto") -> list[tuple[Any, ...]]:
     jobs = []
     for model, det in pairs:
+        evaluated = results.model_sets(model)
         sets = [plots.SetScores(s, results.set_groups[s], scores.get(score_key(model, det, s)),
-                                results.values.get((model, det, s), {})) for s in results.sets]
-        jobs.append((scores.get(score_key(model, det, ID_KEY)), sets, results.tpr, results.positive))
+                                results.values.get((model, det, s), {})) for s in results.sets if s in evaluated]
+        jobs.append((scores.get(score_key(model, det, ID_KEY)), sets, results.tpr, results.positive, axis))
     return jobs
 
 
 def _draw(job: tuple[Any, ...]) -> str:
-    id_scores, sets, tpr, positive = job
-    return plots.detector_figure(id_scores, sets, tpr=tpr, positive=positive)
+    id_scores, sets, tpr, positive, axis = job
+    return plots.detector_figure(id_scores, sets, tpr=tpr, positive=positive, axis=axis)
 
 
 def _workers(requested: int | None, n_jobs: int) -> int:
@@ -332,16 +341,19 @@ def _workers(requested: int | None, n_jobs: int) -> int:
 
 
 def detector_figures(results: Results, scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]],
-                     workers: int | None = None) -> dict[tuple[str, str], str]:
+                     workers: int | None = None, axis: str = "auto") -> dict[tuple[str, str], str]:
     """PNG data URIs of the (model, detector) figures, drawn in ``workers`` forked processes.
 
     Matplotlib spends most of a report's time laying out text; figures are independent, so they are
     drawn in parallel where ``fork`` exists (the children only run numpy and matplotlib). Any failure
     of the pool falls back to drawing here, one after another; the result is the same either way.
     """
-    jobs = _figure_jobs(results, scores, pairs)
+    jobs = _figure_jobs(results, scores, pairs, axis)
     n = _workers(workers, len(jobs))
     if n > 1 and "fork" in multiprocessing.get_all_start_methods():
+        import matplotlib.backends.backend_agg  # noqa: F401 - imported once here, inherited by every worker
+        import PIL.Image  # noqa: F401
+
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
@@ -358,35 +370,53 @@ def _figure_key(results: Results) -> str:
     kept = "OOD" if results.positive == "ood" else "ID"
     return ("<figcaption class='key'><span><i class='sw id'></i>in-distribution (test)</span>"
             "<span><i class='sw ood'></i>OOD set</span>"
-            f"<span><i class='ln dashed'></i>threshold keeping {100 * results.tpr:g}% of {kept}</span>"
+            f"<span><i class='ln dashed'></i>threshold keeping {100 * results.tpr:g}% of {kept} (its FPR on the right)</span>"
             "<span><i class='ln'></i>near-OOD</span><span><i class='ln dashed'></i>far-OOD</span>"
             "<span><i class='ln dotted'></i>covariate shift</span><span class='muted'>(ROC line styles)</span></figcaption>")
 
 
 def _figure_html(results: Results, uri: str, model: str, detector: str) -> str:
     alt = f"{detector_name(detector)} on the {model_name(model)} model: ROC curves and score histograms of ID vs each OOD set"
-    return f"<figure class='plot'>{_figure_key(results)}<img src='{uri}' alt='{e(alt)}'></figure>"
+    return f"<figure class='plot'><img src='{uri}' alt='{e(alt)}' loading='lazy' decoding='async'></figure>"
+
+
+def _model_groups(results: Results) -> list[list[str]]:
+    """Models grouped by the OOD sets they were evaluated on, the first model's group first: a model
+    with its own sets (an open-set split, another ID set) answers another question, so it gets its own
+    overview axes rather than dots beside the others'."""
+    groups: dict[frozenset[str], list[str]] = {}
+    for model in results.models:
+        groups.setdefault(frozenset(results.model_sets(model)), []).append(model)
+    return list(groups.values())
 
 
 def _overview(results: Results) -> str:
-    """Each detector's group means for every model, ranked by the first model's overall mean FPR."""
-    means = results.mean_columns()
-    overall = means[-1][2]
-    detectors = _detectors_in_order(results)
-    first = results.models[0]
-    detectors.sort(key=lambda d: _nan_last(results.mean(first, d, overall, "fpr95")))
+    """Each detector's group means for every model, ranked by the first model's overall mean FPR; one
+    figure per group of models evaluated on the same sets."""
     fpr = metric_label("fpr95", tpr=results.tpr, positive=results.positive)
-    shown = [c for c in means if c[0] != "all"] or means
-    panels = []
-    for metric, name in (("fpr95", fpr), ("auroc", "AUROC")):
-        for key, label, groups in shown:
-            values = {m: [results.mean(m, d, groups, metric) for d in detectors]
-                      for m in results.models}
-            panels.append((f"{label}: {name} (%)", metric, values))
-    uri = plots.overview_figure(detectors, results.models, panels, detector_labels={d: detector_name(d) for d in detectors})
-    return ("<figure class='plot overview'><img src='" + uri + "' alt='Every detector with the near- and far-OOD means "
-            "of FPR and AUROC of each model'><figcaption>Each line is a detector, each dot a model; detectors are ranked "
-            f"by the {e(model_name(first))} model's mean {e(fpr)}.</figcaption></figure>")
+    out = []
+    for i, models in enumerate(_model_groups(results)):
+        evaluated = set().union(*(results.model_sets(m) for m in models))
+        means = [c for c in results.mean_columns() if any(s in evaluated for s in results.sets_in(c[2]))]
+        overall = means[-1][2]
+        first = models[0]
+        pairs = set(results.pairs)
+        detectors = [d for d in _detectors_in_order(results) if any((m, d) in pairs for m in models)]
+        detectors.sort(key=lambda d: _nan_last(results.mean(first, d, overall, "fpr95")))
+        shown = [c for c in means if c[0] != "all"] or means
+        panels = []
+        for metric, name in (("fpr95", fpr), ("auroc", "AUROC")):
+            for key, label, groups in shown:
+                values = {m: [results.mean(m, d, groups, metric) for d in detectors] for m in models}
+                panels.append((f"{label}: {name} (%)", metric, values))
+        uri = plots.overview_figure(detectors, models, panels, detector_labels={d: detector_name(d) for d in detectors})
+        names = ", ".join(model_name(m) for m in models)
+        why = "" if i == 0 else (f" Evaluated on other OOD sets than the {e(model_name(results.models[0]))} model "
+                                 f"({e(', '.join(sorted(evaluated)))}), so on axes of {'their' if len(models) > 1 else 'its'} own.")
+        out.append(f"<figure class='plot overview'><img src='{uri}' alt='{e(names)}: every detector with the group means "
+                   f"of FPR and AUROC'><figcaption>Each line is a detector, each dot a model; detectors are ranked "
+                   f"by the {e(model_name(first))} model's mean {e(fpr)}.{why}</figcaption></figure>")
+    return "".join(out)
 
 
 def _detectors_in_order(results: Results) -> list[str]:
@@ -397,7 +427,16 @@ def _nan_last(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
 
+def _detector_summary(results: Results, det: str) -> str:
+    """The line a closed detector section shows: each model's overall mean FPR."""
+    fpr = metric_label("fpr95", tpr=results.tpr, positive=results.positive)
+    overall = results.mean_columns()[-1][2]
+    parts = [f"{e(model_name(m))} {percent(results.mean(m, det, overall, 'fpr95'))}" for m, d in results.pairs if d == det]
+    return f"<span class='muted'>mean {e(fpr)}: {' · '.join(parts)}</span>"
+
+
 def _detector_sections(results: Results, uris: Mapping[tuple[str, str], str], note: str | None) -> str:
+    """A closed <details> per detector (the page stays short; its figures load when opened)."""
     detectors = _detectors_in_order(results)
     out = []
     for det in detectors:
@@ -412,9 +451,10 @@ def _detector_sections(results: Results, uris: Mapping[tuple[str, str], str], no
                 f"<h4>{e(model_name(model))} <code>{e(model)}/{e(det)}</code></h4>"
                 f"<div class='scroll'>{_detector_table(results, model, det)}</div>{figure}</div>"
             )
-        out.append(f"<section class='detector' id='{anchor('det', det)}' data-detector='{e(det)}'>"
-                   f"<h3>{e(detector_name(det))} <code>{e(det)}</code> <a class='up' href='#summary'>↑ summary</a></h3>"
-                   f"{''.join(blocks)}</section>")
+        key = _figure_key(results) if any((m, det) in uris for m in results.models) else ""
+        out.append(f"<section class='detector' id='{anchor('det', det)}' data-detector='{e(det)}'><details>"
+                   f"<summary><h3>{e(detector_name(det))} <code>{e(det)}</code></h3> {_detector_summary(results, det)}</summary>"
+                   f"{key}{''.join(blocks)}<p><a class='up' href='#summary'>↑ summary</a></p></details></section>")
     return "".join(out)
 
 
@@ -492,18 +532,22 @@ def _failure_section(results: Results) -> str:
 
 
 def render_report(results: Results, *, figures_mode: Literal["auto", "all", "none"] = "auto",
-                  workers: int | None = None) -> str:
-    """The report page as a string (``workers``: processes drawing figures; default: one per CPU)."""
+                  workers: int | None = None, histogram_axis: str = "auto") -> str:
+    """The report page as a string (``workers``: processes drawing figures; default: one per CPU;
+    ``histogram_axis``: see :data:`ebood.report.figures.HISTOGRAM_AXES`)."""
+    if histogram_axis not in plots.HISTOGRAM_AXES:
+        raise ValueError(f"histogram_axis must be one of {', '.join(plots.HISTOGRAM_AXES)}, got {histogram_axis!r}")
     with_figures = [p for p in results.pairs if p in figure_pairs(results, figures_mode)]
     keys = {score_key(m, d, s) for m, d in with_figures for s in (*results.sets, ID_KEY)}
     scores, note = read_scores(results, keys) if with_figures else ({}, None)
-    uris = detector_figures(results, scores, with_figures, workers) if scores else {}
+    uris = detector_figures(results, scores, with_figures, workers, histogram_axis) if scores else {}
     metric_tabs = "".join(
         f"<button type='button' data-tab='{m}'>{e(metric_label(m, tpr=results.tpr, positive=results.positive))}</button>"
         for m in METRIC_NAMES
     )
     per_set = "".join(f"<div class='tab' data-panel='{m}'>{per_set_table(results, m)}</div>" for m in METRIC_NAMES)
-    warning = f"<p class='warning'>{e(note)}</p>" if note else ""
+    notes = results.raw.get("notes") if isinstance(results.raw.get("notes"), list) else []
+    warning = "".join(f"<p class='warning'>{e(n)}</p>" for n in ([note] if note else []) + [str(n) for n in notes])
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -532,15 +576,18 @@ def render_report(results: Results, *, figures_mode: Literal["auto", "all", "non
 
 
 def write_report(results_dir: str | Path, *, figures: Literal["auto", "all", "none"] = "auto",
-                 workers: int | None = None) -> Path:
+                 workers: int | None = None, histogram_axis: str = "auto") -> Path:
     """Render ``results_dir/report.html`` from ``results.json`` and ``scores.safetensors``; returns its path.
 
     ``figures`` chooses the (model, detector) pairs that get histograms and ROC curves (see
-    :func:`figure_pairs`); ``workers`` processes draw them (default: one per CPU, at most 8). A directory without results, or with malformed ones, raises
+    :func:`figure_pairs`); ``workers`` processes draw them (default: one per CPU, at most 8);
+    ``histogram_axis`` is the score histograms' x axis and bar scale: ``auto`` (a log scale for a set
+    that is one spike, as MSP's at -1), ``linear``, ``log`` or ``rank`` (the score's rank among ID
+    scores, which puts every detector on [0, 1]). A directory without results, or with malformed ones, raises
     :class:`~ebood.report.ReportError` naming the file and the problem.
     """
     results = load_results(results_dir)
-    page = render_report(results, figures_mode=figures, workers=workers)
+    page = render_report(results, figures_mode=figures, workers=workers, histogram_axis=histogram_axis)
     path = results.directory / REPORT_FILE
     try:
         atomic_write_text(path, page)
@@ -551,6 +598,18 @@ def write_report(results_dir: str | Path, *, figures: Literal["auto", "all", "no
 
 # Tabs are a progressive enhancement: without this script every per-metric table is visible.
 JS = """
+(function () {
+  // a link to a detector's block opens its (closed) section
+  function openTarget() {
+    var id = decodeURIComponent(location.hash.slice(1)), node = id && document.getElementById(id);
+    var own = node && node.querySelector(':scope > details');
+    if (own) own.open = true;
+    for (; node; node = node.parentElement) if (node.tagName === 'DETAILS') node.open = true;
+    if (id && document.getElementById(id)) document.getElementById(id).scrollIntoView();
+  }
+  window.addEventListener('hashchange', openTarget);
+  openTarget();
+})();
 (function () {
   var buttons = document.querySelectorAll('.tabs button'), panels = document.querySelectorAll('.tab');
   if (!buttons.length) return;
@@ -634,9 +693,11 @@ table.compact td[data-set^="mean:"] { background:#fafbfc; font-weight:600; }
 .tab + .tab { margin-top:14px; } .js .tab + .tab { margin-top:0; }
 .chips { display:flex; flex-wrap:wrap; gap:6px; }
 .chips a { background:var(--card); border:1px solid var(--line); border-radius:14px; padding:2px 11px; font-size:0.88rem; }
-section.detector { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:16px 18px; margin:16px 0; }
+section.detector { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:8px 18px; margin:8px 0; }
 section.detector .scroll { border:0; }
-.up { float:right; font-size:0.8rem; font-weight:400; }
+section.detector summary { cursor:pointer; } section.detector summary h3 { display:inline; margin:0 10px 0 0; }
+section.detector summary .muted { font-size:0.85rem; }
+.up { font-size:0.8rem; font-weight:400; }
 .model-block + .model-block { border-top:1px dashed var(--line); margin-top:14px; }
 figure.plot { margin:12px 0 0; text-align:center; overflow-x:auto; }
 figure.plot img { max-width:100%; min-width:640px; height:auto; }
