@@ -8,6 +8,7 @@ force for the nearest-neighbour distances, and ebood.metrics for the metrics (sk
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -533,3 +534,19 @@ def test_cli_bad_partition_is_one_line(test_dir, tmp_path):
     assert not (tmp_path / "s").exists()
     r = run_cli("fit", "conjnorm", str(tmp_path / "nan"), "-o", str(tmp_path / "a.safetensors"), "--ray", "local")
     assert r.exit_code == 2 and "cannot be fitted across a cluster" in r.output
+
+
+def test_cli_corrupt_parquet_file_is_one_line_naming_it(test_dir, tmp_path):
+    shutil.copytree(test_dir, tmp_path / "in")
+    bad = sorted((tmp_path / "in").glob("*.parquet"))[-1]
+    data = bytearray(bad.read_bytes())
+    for i in range(4, min(400, len(data) - 8)):  # the first page header and data; the footer stays readable
+        data[i] ^= 0x5A
+    bad.write_bytes(bytes(data))
+    with pytest.raises(Exception):  # the reference: pyarrow itself cannot read it
+        pq.read_table(bad)
+    r = run_cli("score", str(tmp_path / "in"), "-o", str(tmp_path / "s"), "--ray", "local")
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ebood: error: {bad}: cannot read"), r.output[-3000:]
+    assert not (tmp_path / "s").exists()

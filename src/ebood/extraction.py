@@ -60,6 +60,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from .io import FileWriteError
 from .outputs import Head, Outputs
+from .runtime import DeviceError, model_inputs, parse_device
 from .state import StateError, load_state, save_state
 
 __all__ = [
@@ -208,12 +209,10 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         if t is None:
             t = next(iter(model.buffers()), None)
         return t.device if t is not None else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(f"device {device!r}: CUDA is not available on this machine")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ExtractionError(f"device {device!r}: MPS is not available on this machine")
-    return dev
+    try:
+        return parse_device(device)
+    except DeviceError as exc:
+        raise ExtractionError(str(exc)) from None
 
 
 def _weights_device(model: nn.Module) -> torch.device | None:
@@ -827,7 +826,7 @@ def _run(model: nn.Module, loader: Iterable[Any], layer_list: list[str], *, expl
             x = x.to(dev, non_blocking=True)
             tap.enabled = True
             tap.start_batch()
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(), model_inputs(x):
                 logits = select_output(model(x), output)
             tap.finish_batch()
             if logits.shape[0] != x.shape[0]:

@@ -38,6 +38,9 @@ class ArrayFileError(ValueError):
 class FileWriteError(OSError):
     """A file that could not be written (a directory in the way, no permission, a full disk ...)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror) if self.strerror else super().__str__()
+
 
 _WRITE_HINTS = {
     errno.EISDIR: "it is a directory: give a file name (e.g. inside it)",
@@ -61,6 +64,9 @@ def _write_error(path: Path, exc: BaseException) -> FileWriteError:
         code = errno.ENOSPC if ("no space" in lowered or "storagefull" in lowered) else None
     if code in _WRITE_HINTS:
         reason = _WRITE_HINTS[code]
+    elif "inline_container" in text or "enforce fail" in text or "serializ" in text.lower():
+        # torch's zip writer and safetensors report a failed write by their C++ / Rust location only
+        reason = "the write failed part-way: check the free space and that the folder is still there"
     else:
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         reason = f"{getattr(exc, 'strerror', None) or first}: check the path and the free space"
@@ -110,10 +116,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise _write_error(path, exc) from exc
 
 
-def check_writable(path: str | Path) -> Path:
+def check_writable(path: str | Path, directory: bool = False) -> Path:
     """Raise :class:`FileWriteError` now, before any long work, when ``path`` clearly cannot be
-    written as a file: a directory in the way, a file where a folder should be, no permission."""
+    written as a file (or, with ``directory=True``, as a folder of files): a directory (or a
+    file) in the way, a file where a folder should be, no permission."""
     path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise FileWriteError(errno.ENOTDIR, f"{path}: cannot write: it is a file, not a directory: choose a folder")
+    if directory and path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise _write_error(path, PermissionError(errno.EACCES, "Permission denied"))
+        return path
     if path.is_dir():
         raise _write_error(path, IsADirectoryError(errno.EISDIR, "Is a directory"))
     parent = path.absolute().parent

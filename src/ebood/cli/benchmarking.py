@@ -82,6 +82,10 @@ def bench_command(
         typer.echo(preset_path(show_preset).read_text(), nl=False)
         return
     check_choice(figures, FIGURE_MODES, "--figures")
+    if out is not None:
+        from ..io import check_writable
+
+        check_writable(out, directory=True)  # before the run, not after it
     err = Console(stderr=True, soft_wrap=True)
     log = (lambda msg: None) if quiet else (lambda msg: err.print(f"[dim]ebood bench:[/] {msg}"))
     progress = not quiet

@@ -102,6 +102,22 @@ def read_outputs_with_head(path: Path, head_file: Optional[Path]) -> Any:
         fail(f"{path} with --head {head_file}: {exc}")
 
 
+_FIELD_KEYS = {"features": "features", "logits": "logits", "labels": "labels"}
+
+
+def missing_field_message(exc: Exception, path: Path, head: Optional[Path]) -> str:
+    """The detector's "needs Outputs.X" error, with how to give X in a file."""
+    text = str(exc)
+    if "Outputs.head" in text and head is None:
+        return f"{text} (give the head with --head FILE, or head_weight / head_bias arrays in {path.name})"
+    for field, key in _FIELD_KEYS.items():
+        if f"Outputs.{field}" in text:
+            single = " (a .npy / .csv file holds one array, read as logits)" if path.suffix.lower() in (".npy", ".csv") else ""
+            return (f"{path}: {text}{single}; give the {field} as an array named {key!r} in a .npz, .safetensors or "
+                    f".parquet file, e.g. numpy.savez('outputs.npz', {key}=...)")
+    return text
+
+
 @command("fit")
 def fit_command(
     detector: str = typer.Argument(..., help="Detector name: " + one_of(available()) + " (`ebood detectors` says what each needs)."),
@@ -138,8 +154,7 @@ def fit_command(
                 det.calibrate(read_outputs_with_head(calibrate, head), tpr=tpr)
             det.save(output)
     except MissingFieldError as exc:
-        hint = " (give the head with --head FILE)" if "Outputs.head" in str(exc) and head is None else ""
-        fail(f"{exc}{hint}")
+        fail(missing_field_message(exc, train_file, head))
     echo_warnings(caught, verbose)
     note = "" if det.threshold_ is None else f" (threshold {det.threshold_:.6g} keeps {100 * tpr:g}% of ID)"
     typer.echo(f"wrote {det!r}{note} to {output}")

@@ -93,6 +93,7 @@ def extract_command(
     from .. import io
     from ..extraction import extract
     from ..models import load_model
+    from ..runtime import ModelInputError
     from .detecting import parse_params
 
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -103,8 +104,11 @@ def extract_command(
     dataset = open_data(data, root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = extract(net, dataset, layers=_split_layers(layers), batch_size=batch_size, device=device, amp=amp, cache=cache,
-                      progress=progress, output=_parse_selector(logits_from), pool=pool)  # type: ignore[arg-type]
+        try:
+            out = extract(net, dataset, layers=_split_layers(layers), batch_size=batch_size, device=device, amp=amp, cache=cache,
+                          progress=progress, output=_parse_selector(logits_from), pool=pool)  # type: ignore[arg-type]
+        except ModelInputError as exc:
+            fail(f"model {model} on data {data}: {exc}")
     echo_warnings(caught)
     arrays: dict[str, Any] = {"logits": out.logits}
     if isinstance(out.features, dict):

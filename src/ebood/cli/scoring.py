@@ -65,8 +65,8 @@ def score_command(
     import torch
 
     from .. import io, scores
-    from ..detectors import load
-    from .detecting import read_outputs_with_head
+    from ..detectors import MissingFieldError, load
+    from .detecting import missing_field_message, read_outputs_with_head
 
     if detector is None and (head is not None or predict):
         fail("--head and --predict need --detector FILE")
@@ -79,7 +79,10 @@ def score_command(
         det = load(detector)
         if predict and det.threshold_ is None:
             fail(f"{detector}: the detector has no threshold; fit it with `ebood fit ... --calibrate ID_FILE` to use --predict")
-        values = det.score(read_outputs_with_head(input_file, head))
+        try:
+            values = det.score(read_outputs_with_head(input_file, head))
+        except MissingFieldError as exc:
+            fail(missing_field_message(exc, input_file, head))
         _check_finite(input_file, int((~torch.isfinite(values)).sum()), values.numel(), "scores are NaN or infinite", strict)
         arrays = {det.name: values}
         if predict:

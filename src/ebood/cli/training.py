@@ -97,6 +97,9 @@ def _check_output(path: Path) -> None:
         fail(f"{path}: the output is a safetensors state dict; give a file name ending in .safetensors")
     if not path.parent.exists():
         fail(f"{path.parent}: no such directory")
+    from ..io import check_writable
+
+    check_writable(path)  # before training, not after it
 
 
 def _history_table(history: list[Any], outliers: bool):
@@ -120,6 +123,7 @@ def _run_training(fn, output: Path, info: dict[str, Any], outliers: bool, **kwar
     """Run ``fn`` (finetune / train_classifier) writing ``output``, print the epochs; errors in one line."""
     from rich.console import Console
 
+    from ..runtime import ModelInputError
     from ..train import NonFiniteLossError, TrainingInterrupted
 
     history: list[Any] = []
@@ -130,6 +134,9 @@ def _run_training(fn, output: Path, info: dict[str, Any], outliers: bool, **kwar
         raise typer.Exit(130) from None
     except NonFiniteLossError as exc:
         fail(str(exc))
+    except ModelInputError as exc:  # name the model and the data the user gave
+        data = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items() if k in ("data", "id_data", "outlier_data"))
+        fail(f"model {info['model']} on {data}: {exc}")
     Console().print(_history_table(history, outliers))
     typer.echo(f"wrote {output}")
 

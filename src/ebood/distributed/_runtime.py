@@ -59,21 +59,44 @@ def _worker_error(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+class _NoTracebacks(logging.Filter):
+    """Drops log records that carry a traceback: Ray Data logs a failed task's whole remote
+    traceback on the console before raising it, and :func:`clean_errors` raises it as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None and not getattr(record, "exc_text", None)
+
+
+@contextmanager
+def _console_without_tracebacks() -> Iterator[None]:
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    quiet = _NoTracebacks()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 @contextmanager
 def clean_errors(context: str = "") -> Iterator[None]:
     """Turn an exception raised in a Ray task into the user error it carries (one line, no remote
-    traceback): a :class:`PartitionError` (bad input, naming file and rows), or a ValueError /
+    traceback, on the console or in the message): a :class:`PartitionError` (bad input, naming
+    file and rows; e.g. a corrupt Parquet file and the reader's cause), or a ValueError /
     TypeError (a detector refusing its input, prefixed with ``context``). Other failures (a node
     lost after its retries, a bug) propagate unchanged. Ray Data's INFO lines are quiet meanwhile
     (see :func:`set_verbose`)."""
     try:
-        with quiet_ray_data():
+        with quiet_ray_data(), _console_without_tracebacks():
             yield
-    except PartitionError:
-        raise
     except Exception as exc:
         import ray.exceptions
 
+        # Ray re-raises a task's error as a class deriving from both RayTaskError and the
+        # original type, whose text is Ray's task header: read the original message from it.
         if not isinstance(exc, ray.exceptions.RayError):
             raise
         found = _worker_error(exc)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..runtime import ModelInputError, model_inputs, parse_device
 from .batches import LabelledSource, OutlierSource, as_dataset, derived_seed
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from .losses import LossParts
@@ -128,7 +129,7 @@ def resolve_device(model: torch.nn.Module, device: str | torch.device | None) ->
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
-    dev = torch.device(device)
+    dev = parse_device(device)
     model.to(dev)
     return dev
 
@@ -141,7 +142,8 @@ def _input_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
+    with model_inputs(x):
+        out = model(x)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return logits of shape (batch, classes) = ({x.shape[0]}, C), got {shape}")
@@ -309,6 +311,11 @@ def _train_step(r: Run, x_in: torch.Tensor, y_in: torch.Tensor, x_out: torch.Ten
     """One optimisation step on the concatenated batch; returns the step's statistics (``_STAT_NAMES``)."""
     if r.augment is not None:
         x_in, x_out = _augmented(r.augment, x_in, x_out, int(r.settings["seed"]), pos.step)
+    if x_out is not None and x_out.shape[1:] != x_in.shape[1:]:
+        raise ModelInputError(
+            f"the outliers are inputs of shape {tuple(x_out.shape[1:])} but the ID data {tuple(x_in.shape[1:])}: "
+            f"give both the same channels and image size (e.g. --image-size)"
+        )
     x = torch.cat([x_in, x_out]) if x_out is not None else x_in
     buffers = _snapshot_buffers(r.model)
     logits = _logits(r.model, x)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .. import scores
+from ..runtime import model_inputs
 from .batches import as_dataset, derived_seed, split_batch
 from .loop import resolve_device
 
@@ -88,7 +89,9 @@ def model_energies(model: torch.nn.Module, data: Any, *, temperature: float = 1.
         with torch.no_grad():
             for batch in loader:
                 x, _ = split_batch(batch, name, need_labels=False)
-                parts.append(scores.energy(model(x.to(dev, dtype)), temperature).to("cpu", torch.float64))
+                with model_inputs(x):
+                    logits = model(x.to(dev, dtype))
+                parts.append(scores.energy(logits, temperature).to("cpu", torch.float64))
     finally:
         model.train(was_training)
     if not parts:
