@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _render
-from .builtin import AUXILIARY_PHOTO, TEST_FONTS, TEST_PHOTO, auxiliary_glyph_pairs, noise_images
+from .builtin import AUXILIARY_PHOTO, BuiltinBenchmark, TEST_FONTS, TEST_PHOTO, auxiliary_glyph_pairs, noise_images
 from .datasets import ArrayDataset, content_hash
 from .idx import IDX_SETS, fashion_mnist
 
@@ -290,21 +290,10 @@ def auxiliary_outliers(seed: int = 0, n: int = AUXILIARY_SIZE) -> ArrayDataset:
 # ----- the benchmark ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class FashionMNISTBenchmark:
-    """Every set of the Fashion-MNIST benchmark for one seed (the fields of ``BuiltinBenchmark``)."""
+class FashionMNISTBenchmark(BuiltinBenchmark):
+    """Every set of the Fashion-MNIST benchmark for one seed: the fields of ``BuiltinBenchmark`` plus the class names."""
 
-    seed: int
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
-    ood: dict[str, ArrayDataset]
-    groups: dict[str, str]
-    covariate: dict[str, ArrayDataset]
-    open_set: dict[str, ArrayDataset]
-    auxiliary: ArrayDataset
     auxiliary_description: str = AUXILIARY_DESCRIPTION
-    descriptions: dict[str, str] = field(default_factory=dict)
-    num_classes: int = 10
     classes: tuple[str, ...] = CLASSES
 
 
