@@ -1,7 +1,7 @@
 """``ebood bench fashion-mnist`` on the real data: the claims of the README's Fashion-MNIST section.
 
 The benchmark runs once per test session (a session fixture with a temporary cache: training included)
-and once more with the trained models cached but the outputs evaluated again. The tests check what the
+and once more with the trained models cached but the outputs extracted and the detectors scored again. The tests check what the
 README says of the results -- not fixed numbers. Skipped without Debian's dataset-fashion-mnist
 (``.ci/run`` installs it).
 """
@@ -34,10 +34,12 @@ def _run(cache: Path):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The cold run, then a second run with the models from the cache and every output extracted again."""
+    """The cold run, then a second run with the models from the cache and every output extracted and
+    every detector fitted and scored again (the scores' cache is tested in test_bench_score_cache.py)."""
     cache = tmp_path_factory.mktemp("fashion-mnist-cache")
     first = _run(cache)
     shutil.rmtree(cache / "outputs")
+    shutil.rmtree(cache / "scores")
     second = _run(cache)
     return first, second
 

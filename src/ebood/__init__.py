@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import metrics, scores  # noqa: E402
 from .outputs import Head, Outputs  # noqa: E402
 from .detectors import load  # noqa: E402

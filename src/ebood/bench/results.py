@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from .. import __version__
+from .._version import __version__
 from ..io import FileWriteError, atomic_write_bytes, atomic_write_text
 
 __all__ = ["BenchResult", "ROW_FIELDS", "FAILURE_FIELDS", "versions"]

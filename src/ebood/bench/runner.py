@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from ..detectors import available, get
 from ..evaluation import evaluate_detectors
 from .config import DetectorSpec
 from .results import BenchResult
+from .score_cache import CachedScores, load_scores, save_scores, scores_key
 
 __all__ = ["OODSet", "evaluate_model", "default_detectors", "candidate_label", "subsampled_metrics",
            "id_accuracy_warning", "ACCURACY_MARGIN", "failure_metrics", "CORRECT_KEY"]
@@ -160,8 +162,15 @@ def evaluate_model(
     batch_size: int | None = None,
     progress: bool = True,
     description: str = "",
-) -> None:
-    """Evaluate ``detectors`` on ``model`` and append the rows and raw scores to ``result``."""
+    score_cache: str | Path | None = None,
+) -> bool:
+    """Evaluate ``detectors`` on ``model`` and append the rows and raw scores to ``result``.
+
+    ``score_cache``: a folder of cached detector scores (:mod:`ebood.bench.score_cache`): the scores
+    are read from it when this model, data, detectors and scoring code were evaluated before, and
+    written to it otherwise; the metrics are always recomputed. Returns whether the scores came
+    from that cache.
+    """
     ood_validation = dict(ood_validation or {})
     has_grid = any(len(d.candidates()) > 1 for d in detectors)
     if has_grid and not ood_validation:
@@ -173,20 +182,39 @@ def evaluate_model(
             instances.append((candidate_label(spec, params), {"name": spec.name, **_seeded(spec.name, params, seed)}))
     all_sets = {name: s.data for name, s in ood_sets.items()}
     all_sets.update({VALIDATION_PREFIX + name: data for name, data in ood_validation.items()} if has_grid else {})
-    model_val = None
-    if id_val is not None and ood_validation:
-        model_val = list(ood_validation.values())
-    evaluation = evaluate_detectors(
-        model, id_train, id_test, all_sets, [spec for _, spec in instances],
-        id_val=id_val if model_val is not None else None, ood_val=model_val,
-        cache=cache, device=device, batch_size=batch_size, progress=progress, positive=result.positive,
-        keep_outputs=False,
-    )
-    result.add_timings(evaluation.timings)
-    labels = list(evaluation.scores)
-    scores = dict(zip([label for label, _ in instances], (evaluation.scores[k] for k in labels)))
-    fit_seconds = {label: round(evaluation.fit_seconds[k], 3) for label, k in zip([label for label, _ in instances], labels)
-                   if k in evaluation.fit_seconds}
+    model_val = list(ood_validation.values()) if id_val is not None and ood_validation else None
+    specs = [spec for _, spec in instances]
+
+    def run() -> CachedScores:
+        ev = evaluate_detectors(
+            model, id_train, id_test, all_sets, specs,
+            id_val=id_val if model_val is not None else None, ood_val=model_val,
+            cache=cache, device=device, batch_size=batch_size, progress=progress, positive=result.positive,
+            keep_outputs=False,
+        )
+        # evaluate_detectors labels instances by name; the benchmark's labels carry the grid values
+        labels = dict(zip(ev.scores, (label for label, _ in instances)))
+        fit = {labels[k]: secs for k, secs in ev.fit_seconds.items() if k in labels}
+        return CachedScores({labels[k]: v for k, v in ev.scores.items()}, ev.id_accuracy, ev.id_correct, fit, ev.timings, ev.tpr)
+
+    entry_path = None
+    if score_cache is not None:
+        key = scores_key(model, {"id_train": id_train, "id_test": id_test, "id_val": id_val if model_val is not None else None,
+                                 "ood_val": model_val, **all_sets}, instances,
+                         positive=result.positive, batch_size=batch_size, device=str(device))
+        entry_path = Path(score_cache) / f"{key}.safetensors" if key is not None else None
+    evaluation = load_scores(entry_path) if entry_path is not None else None
+    if evaluation is None:
+        evaluation = run()
+        if entry_path is not None:
+            try:
+                save_scores(entry_path, evaluation)
+            except OSError as exc:  # the scores are computed: a cache that cannot be written costs only time
+                warnings.warn(f"detector scores not cached: {exc}", RuntimeWarning, stacklevel=2)
+    if not evaluation.cached:
+        result.add_timings(evaluation.timings)
+    scores = evaluation.scores
+    fit_seconds = {label: round(secs, 3) for label, secs in evaluation.fit_seconds.items()}
     result.models[model_name] = {"id_accuracy": evaluation.id_accuracy, "description": description, "fit_seconds": fit_seconds}
     if evaluation.id_correct is not None:
         result.scores[CORRECT_KEY.format(model=model_name)] = evaluation.id_correct.to(torch.float32)
@@ -210,3 +238,4 @@ def evaluate_model(
                                    tpr=evaluation.tpr, positive=result.positive)
             result.rows.append({"model": model_name, "detector": spec.title, "ood_set": set_name, "group": ood.group, **m,
                                 **failure.get(set_name, {})})
+    return evaluation.cached

@@ -5,7 +5,8 @@ auxiliary outliers), the models to train (:class:`ModelSpec`: the pre-trained cl
 and OE-fine-tuned copies, ...) and the detectors each is evaluated with. :func:`run_suite` trains
 every model (or loads it from the cache: ``cache_dir/models``, keyed by the data's fingerprint, the
 recipe and the seed), evaluates it with :func:`ebood.bench.runner.evaluate_model` (one forward pass per
-dataset, extracted outputs cached in ``cache_dir/outputs``) and returns one
+dataset, extracted outputs cached in ``cache_dir/outputs``, detector scores in ``cache_dir/scores``:
+see :mod:`ebood.bench.score_cache`) and returns one
 :class:`~ebood.bench.results.BenchResult`. A new model row is one more :class:`ModelSpec`.
 """
 
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..state import StateError
 from ..train import (BatchAugment, EnergyBoundedLoss, FinetunePreset, OutlierExposureLoss, finetune, load_weights,
                      save_weights, train_classifier)
@@ -36,6 +37,8 @@ __all__ = ["Suite", "ModelSpec", "OpenSet", "run_suite", "standard_models", "cac
 
 #: detectors evaluated on the fine-tuned models (their training targets the logit scores)
 FINETUNED_DETECTORS = ("msp", "energy", "max_logit", "entropy")
+
+_FROM_CACHE = " (scores from the cache; metrics recomputed)"
 
 #: ``train(model, trained)``: train the freshly built ``model`` (``trained``: the suite's models trained before it).
 TrainFn = Callable[[nn.Module, dict[str, nn.Module]], nn.Module]
@@ -217,13 +220,13 @@ def run_suite(suite: Suite, *, seed: int, cache: Path, detectors: Sequence[Detec
         trained[spec.name], keys[spec.name] = model, key
         dets = chosen if spec.detectors is None else [d if isinstance(d, DetectorSpec) else DetectorSpec(d) for d in spec.detectors]
         t = time.perf_counter()
-        evaluate_model(result, spec.name, model, id_train=data.train, id_test=data.test, ood_sets=ood_sets, detectors=dets,
-                       id_val=data.val, ood_validation={"auxiliary": data.auxiliary}, seed=seed, cache=cache / "outputs",
-                       progress=progress, description=spec.description)
+        cached = evaluate_model(result, spec.name, model, id_train=data.train, id_test=data.test, ood_sets=ood_sets, detectors=dets,
+                                id_val=data.val, ood_validation={"auxiliary": data.auxiliary}, seed=seed, cache=cache / "outputs",
+                                progress=progress, description=spec.description, score_cache=cache / "scores")
         if spec.report_training:
             result.models[spec.name]["training_seconds"] = round(secs, 2)
             result.notes.append(f"{spec.name}: trained in {secs:.1f} s" if secs else f"{spec.name}: loaded from the cache")
-        log(f"{spec.name}: {len(dets)} detectors evaluated in {time.perf_counter() - t:.1f} s")
+        log(f"{spec.name}: {len(dets)} detectors evaluated in {time.perf_counter() - t:.1f} s{_FROM_CACHE if cached else ''}")
 
     if suite.open_set is not None:
         _evaluate_open_set(suite, seed, cache, chosen, result, progress, log)
@@ -243,7 +246,7 @@ def _evaluate_open_set(suite: Suite, seed: int, cache: Path, detectors: Sequence
     sets = {split.ood_name: OODSet(split.ood, "near", split.ood_description)}
     _register_sets(result, sets)
     t = time.perf_counter()
-    evaluate_model(result, "openset", model, id_train=split.train, id_test=split.test, ood_sets=sets, detectors=detectors,
-                   id_val=split.val, ood_validation={"auxiliary": suite.data.auxiliary}, seed=seed, cache=cache / "outputs",
-                   progress=progress, description=split.model_description)
-    log(f"openset: evaluated in {time.perf_counter() - t:.1f} s")
+    cached = evaluate_model(result, "openset", model, id_train=split.train, id_test=split.test, ood_sets=sets, detectors=detectors,
+                            id_val=split.val, ood_validation={"auxiliary": suite.data.auxiliary}, seed=seed, cache=cache / "outputs",
+                            progress=progress, description=split.model_description, score_cache=cache / "scores")
+    log(f"openset: {len(detectors)} detectors evaluated in {time.perf_counter() - t:.1f} s{_FROM_CACHE if cached else ''}")

@@ -149,7 +149,7 @@ def _in_ebood(filename: str) -> bool:
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         typer.echo(f"ebood {__version__}")
         raise typer.Exit()

@@ -35,7 +35,8 @@ from typing import Any, ClassVar, Iterable
 
 import torch
 
-from .. import __version__, selective
+from .. import selective
+from .._version import __version__
 from ..metrics import id_threshold
 from ..outputs import Outputs
 from ..state import StateError, load_state, save_state

@@ -434,7 +434,7 @@ def build_settings(kind: str, loss: dict[str, Any] | str, epochs: int, lr: float
                    nesterov: bool, weight_decay: float, id_batch_size: int, outlier_batch_size: int | None,
                    seed: int, optimizer: str) -> dict[str, Any]:
     """The run's settings as plain values, validated (saved in checkpoints, compared on resume)."""
-    from .. import __version__
+    from .._version import __version__
 
     if nesterov and momentum <= 0:
         raise ValueError("nesterov=True needs momentum > 0")
