@@ -330,3 +330,21 @@ def test_cli_builtin_bench_writes_every_file(builtin_result, tmp_path):
     for name in ("results.json", "results.csv", "scores.safetensors", "report.html"):
         assert (out / name).is_file(), name
     assert "energy_finetuned" in res.output and "letters" in res.output
+
+
+def test_builtin_principal_space_detectors_score_the_pretrained_model(tmp_path):
+    """ViM and Residual run with a principal dimension the digits CNN's features determine (the default
+    D / 2 exceeds their rank, a degenerate fit that would leave the main model without their rows)."""
+    import warnings
+
+    from ebood.bench.builtin import DETECTOR_SETTINGS
+
+    specs = [DETECTOR_SETTINGS["vim"], DETECTOR_SETTINGS["residual"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_builtin(seed=0, cache_dir=tmp_path, detectors=specs, finetuned=False, open_set=False, other_losses=False,
+                             progress=False)
+    assert not [w for w in caught if "principal space is not determined" in str(w.message)]
+    for name in ("vim", "residual"):
+        rows = [r for r in result.rows if r["detector"] == name]
+        assert {r["ood_set"] for r in rows} == set(result.ood_sets) and all(np.isfinite(r["fpr95"]) for r in rows)

@@ -171,9 +171,11 @@ def _scores_or_nan(label: str, set_name: str, n: int, score: Any) -> torch.Tenso
     results with it."""
     try:
         return score()
-    except (NonFiniteError, DegenerateFitError) as exc:
+    except NonFiniteError as exc:
         warnings.warn(f"{set_name}: {exc}", RuntimeWarning, stacklevel=3)
-        return torch.full((n,), math.nan)
+    except DegenerateFitError as exc:  # a property of the fit: one message for every set, shown once
+        warnings.warn(f"{exc}; its scores are NaN on every set", RuntimeWarning, stacklevel=3)
+    return torch.full((n,), math.nan)
 
 
 def _correct(out: Outputs) -> torch.Tensor | None:
