@@ -20,10 +20,13 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the outputs layer sits above this one: imported when read_outputs runs
+    from .outputs import Outputs
 
 __all__ = ["ArrayFileError", "FileWriteError", "read_arrays", "read_array", "choose_array", "write_arrays", "SUFFIXES",
            "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import _render
-from .datasets import ArrayDataset, content_hash
+from .datasets import ArrayDataset, content_hash, open_set_splits
 from .transforms import ImageTransform
 
 __all__ = [
@@ -232,20 +232,9 @@ def open_set_split(seed: int = 0, known: int = 6) -> dict[str, ArrayDataset]:
     unchanged), ``ood`` the test digits ``known..9`` with label -1 (the digit is kept in ``meta["digit"]``)."""
     if not 1 <= known <= 9:
         raise ValueError(f"known must be between 1 and 9 classes, got {known}")
-    splits = digits_splits(seed)
-    out: dict[str, ArrayDataset] = {}
-    for split in ("train", "val", "test"):
-        ds = splits[split]
-        keep = torch.nonzero(ds.labels < known).squeeze(1)
-        out[split] = ds.subset(keep, name=f"openset-{split}", group="id",
-                               description=f"digits 0-{known - 1} ({split}), open-set in-distribution")
-    test = splits["test"]
-    unknown = torch.nonzero(test.labels >= known).squeeze(1)
-    ood = test.subset(unknown, name="openset-ood", labels=torch.full((len(unknown),), -1, dtype=torch.int64), group="near",
-                      description=f"test digits {known}-9, unseen classes of the open-set model")
-    ood.meta["digit"] = test.labels[unknown].numpy()
-    out["ood"] = ood
-    return out
+    return open_set_splits(digits_splits(seed), known, id_name="openset-{split}",
+                           id_description=f"digits 0-{known - 1} ({{split}}), open-set in-distribution", ood_name="openset-ood",
+                           ood_description=f"test digits {known}-9, unseen classes of the open-set model", class_key="digit")
 
 
 # ----- auxiliary outliers -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .transforms import ImageTransform
 
 __all__ = [
     "DatasetNotFoundError", "DatasetFormatError", "ArrayDataset", "ImageArrayDataset", "ImageFileDataset",
-    "content_hash", "files_hash", "read_image",
+    "content_hash", "files_hash", "read_image", "open_set_splits",
 ]
 
 
@@ -162,6 +162,26 @@ class ArrayDataset(_Base):
             description=self.description if description is None else description,
             meta={k: v[idx.numpy()] for k, v in self.meta.items()},
         )
+
+
+def open_set_splits(splits: Mapping[str, ArrayDataset], known: int, *, id_name: str, id_description: str, ood_name: str,
+                    ood_description: str, class_key: str) -> dict[str, ArrayDataset]:
+    """Open-set recognition from labelled ``splits`` (``train``, ``val``, ``test``): each keeps the samples
+    of classes ``0..known-1`` (labels unchanged), named ``id_name`` and described by ``id_description``
+    (both formatted with ``split``); ``ood`` holds the test samples of the other classes, labelled -1
+    (their class kept in ``meta[class_key]``)."""
+    out: dict[str, ArrayDataset] = {}
+    for split in ("train", "val", "test"):
+        ds = splits[split]
+        keep = torch.nonzero(ds.labels < known).squeeze(1)
+        out[split] = ds.subset(keep, name=id_name.format(split=split), group="id", description=id_description.format(split=split))
+    test = splits["test"]
+    unknown = torch.nonzero(test.labels >= known).squeeze(1)
+    ood = test.subset(unknown, name=ood_name, labels=torch.full((len(unknown),), -1, dtype=torch.int64), group="near",
+                      description=ood_description)
+    ood.meta[class_key] = test.labels[unknown].numpy()
+    out["ood"] = ood
+    return out
 
 
 class ImageArrayDataset(_Base):

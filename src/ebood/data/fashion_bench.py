@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import _render
 from .builtin import AUXILIARY_PHOTO, BuiltinBenchmark, TEST_FONTS, TEST_PHOTO, auxiliary_glyph_pairs, noise_images
-from .datasets import ArrayDataset, content_hash
+from .datasets import ArrayDataset, content_hash, open_set_splits
 from .idx import IDX_SETS, fashion_mnist
 
 __all__ = [
@@ -249,19 +249,9 @@ def corrupted(test: ArrayDataset, severity: int, seed: int = 0, n: int = SHIFT_S
 def open_set_split(splits: dict[str, ArrayDataset], known: int = KNOWN_CLASSES) -> dict[str, ArrayDataset]:
     """``train``/``val``/``test`` with classes ``0..known-1`` (labels unchanged) and ``ood``: the test images of the
     other classes, labelled -1 (the class kept in ``meta["class"]``)."""
-    out: dict[str, ArrayDataset] = {}
-    for split in ("train", "val", "test"):
-        ds = splits[split]
-        keep = torch.nonzero(ds.labels < known).squeeze(1)
-        out[split] = ds.subset(keep, name=f"open-set-{split}", group="id",
-                               description=f"Fashion-MNIST classes 0-{known - 1} ({split}), open-set in-distribution")
-    test = splits["test"]
-    unknown = torch.nonzero(test.labels >= known).squeeze(1)
-    ood = test.subset(unknown, name="open-set", labels=torch.full((len(unknown),), -1, dtype=torch.int64), group="near",
-                      description=DESCRIPTIONS["open-set"])
-    ood.meta["class"] = test.labels[unknown].numpy()
-    out["ood"] = ood
-    return out
+    return open_set_splits(splits, known, id_name="open-set-{split}",
+                           id_description=f"Fashion-MNIST classes 0-{known - 1} ({{split}}), open-set in-distribution",
+                           ood_name="open-set", ood_description=DESCRIPTIONS["open-set"], class_key="class")
 
 
 # ----- auxiliary outliers -------------------------------------------------------------------------------

@@ -15,10 +15,8 @@ naming the detector and the reason.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 

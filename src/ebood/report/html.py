@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -248,15 +248,17 @@ def summary_table(results: Results) -> str:
     span = 1 + len(columns) + (1 if ref else 0)
     top = "".join(f"<th colspan='{len(METRIC_NAMES)}' class='group'>{e(label)}</th>" for _, label, _ in means)
     sub = "".join(f"<th class='num'>{e(labels[m])} {'↓' if m == 'fpr95' else '↑'}</th>" for _ in means for m in METRIC_NAMES)
-    extra = None
+    extra: Callable[[str, str], str] | None = None
     if ref:
         metric, values, _ = ref
         top += "<th rowspan='2' class='num ref'>published<br>" + e(labels[metric]) + "</th>"
 
-        def extra(model: str, det: str) -> str:
+        def reference_cell(model: str, det: str) -> str:
             v = values.get(f"{model}/{det}")
             return (f"<td class='num ref' data-reference='{e(model)}/{e(det)}'>"
                     f"{'–' if v is None else f'{v:.2f}'}</td>")
+
+        extra = reference_cell
 
     body = _body(results, columns, span, extra)
     note = (f"<p class='note'>Published: {e(ref[2])}.</p>" if ref and ref[2] else "")

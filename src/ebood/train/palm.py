@@ -15,7 +15,6 @@ OOD detection then uses the classifier's penultimate features with the existing 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
