@@ -2,30 +2,13 @@
 brute force, the saved threshold, and one-line errors."""
 
 import json
-import math
 
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error, run
 from sklearn.metrics import average_precision_score, roc_auc_score
-from typer.testing import CliRunner
 
 from ebood import detectors, selective
-from ebood.cli import app, load_commands
-
-load_commands()
-RUNNER = CliRunner()
-
-
-def run(*args, **kwargs):
-    return RUNNER.invoke(app, [str(a) for a in args], **kwargs)
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code != 0, res.output
-    assert isinstance(res.exception, SystemExit), f"crashed: {res.exception!r}"
-    assert res.output.startswith("ebood: error:") and res.output.count("\n") == 1, res.output
-    for fragment in fragments:
-        assert fragment in res.output, res.output
 
 
 @pytest.fixture(scope="module")

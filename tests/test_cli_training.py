@@ -5,23 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from ebood.cli import app, load_commands
 from ebood.data import open_dataset
 from ebood.models import load_model
 from ebood.train import EnergyBoundedLoss, finetune, suggest_margins
 
-load_commands()
-RUNNER = CliRunner()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(*args):
-    return RUNNER.invoke(app, [str(a) for a in args])
 
 
 def record(path):

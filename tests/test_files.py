@@ -13,20 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run
 from scipy.special import logsumexp
-from typer.testing import CliRunner
 
 import ebood
 from ebood import io
-from ebood.cli import app, load_commands
 
-load_commands()
-RUNNER = CliRunner()
 SUFFIXES = (".npy", ".npz", ".pt", ".safetensors", ".parquet", ".csv")
-
-
-def run(*args):
-    return RUNNER.invoke(app, [str(a) for a in args])
 
 
 def listing(folder: Path) -> set[str]:

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from serve_helpers import SHAPE, save_served_model
 
 import ebood
 from ebood.deploy import wrap
 from ebood.deploy.service import RECENT, ScoringService, parse_inputs
-from ebood.detectors import create
 
-SHAPE = (1, 8, 8)
 
 
 def npy(array) -> bytes:
@@ -26,16 +25,8 @@ def npy(array) -> bytes:
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A digits CNN and a calibrated KNN detector, saved to files as a user would."""
-    from ebood.models import load_model
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("served")
-    net = load_model("digits_cnn")
-    torch.save(net.state_dict(), folder / "ck.pt")
-    x = torch.rand(160, *SHAPE, generator=torch.Generator().manual_seed(3))
-    det = create("knn", k=5).fit(ebood.extract(net, x[:100], progress=False))
-    det.calibrate(ebood.extract(net, x[100:], progress=False), tpr=0.8)
-    det.save(folder / "det.safetensors")
+    net, det = save_served_model(folder)
     return net, det, folder
 
 

@@ -12,15 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from serve_helpers import SHAPE, save_served_model
 
 import ebood
-from ebood.detectors import create
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow
-SHAPE = (1, 8, 8)
 
 
 def npy(array) -> bytes:
@@ -47,16 +46,8 @@ def http(url, path, body=None, kind="application/json"):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from ebood.deploy import serve as served
-    from ebood.models import load_model
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("served")
-    net = load_model("digits_cnn")
-    torch.save(net.state_dict(), folder / "ck.pt")
-    x = torch.rand(160, *SHAPE, generator=torch.Generator().manual_seed(3))
-    det = create("knn", k=5).fit(ebood.extract(net, x[:100], progress=False))
-    det.calibrate(ebood.extract(net, x[100:], progress=False), tpr=0.8)
-    det.save(folder / "det.safetensors")
+    net, det = save_served_model(folder)
     source = {"model": "digits_cnn", "checkpoint": folder / "ck.pt", "detector": folder / "det.safetensors"}
     try:
         for attempt in range(2):  # Serve's proxy can miss its health check on a loaded machine
