@@ -25,13 +25,12 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _timing import best_time  # benchmarks/_timing.py
 
 
 def write_data(root: Path, rows: int, classes: int, feature_rows: int, dim: int, fit_classes: int, files: int) -> tuple[Path, Path]:
@@ -51,15 +50,6 @@ def write_data(root: Path, rows: int, classes: int, feature_rows: int, dim: int,
         col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
         pq.write_table(pa.table({"features": col, "labels": y}), features_dir / f"part-{i:03d}.parquet", row_group_size=65536)
     return logits_dir, features_dir
-
-
-def best_time(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def local_reference(logits_dir: Path, features_dir: Path, out_dir: Path, repeat: int) -> dict[str, float]:

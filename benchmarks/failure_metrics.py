@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 import warnings
 from typing import Any, Callable
 
@@ -22,15 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ebood import metrics, selective
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _timing import best_time  # benchmarks/_timing.py
 
 
 def main() -> None:

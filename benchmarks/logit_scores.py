@@ -27,13 +27,13 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
 
 from ebood import scores
 from ebood._native import scores_kernel, scores_kernel_isa
+from _timing import best_time  # benchmarks/_timing.py
 
 DEFAULT_SHAPES = ("20000x1000", "256x128000")
 METHODS = ("x.sum(-1)", "ebood", "ebood torch path", "naive torch", "torch.logsumexp")
@@ -70,16 +70,6 @@ def method(name: str) -> Callable[[torch.Tensor], object]:
         "naive torch": naive_scores,
         "torch.logsumexp": lambda x: torch.logsumexp(x, dim=-1),
     }[name]
-
-
-def best_time(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: first-touch page faults, thread start-up, lazy library loading
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 # ----- memory (child process) ---------------------------------------------------------------------
@@ -152,7 +142,7 @@ def describe_machine() -> str:
 def run_shape(rows: int, cols: int, repeat: int, with_memory: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(rows, cols)
-    times = {name: best_time(lambda fn=method(name): fn(x), repeat) for name in METHODS}
+    times = {name: best_time(lambda fn=method(name): fn(x), repeat, warmup=True) for name in METHODS}
     memory = peak_memory(rows, cols) if with_memory else {}
     base = times["x.sum(-1)"]
     print(f"\n{rows}x{cols} float32 ({rows * cols * 4 / 2**20:.0f} MiB), best of {repeat}")

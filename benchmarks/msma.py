@@ -18,22 +18,12 @@ on how well they were trained). Each time is the fastest of ``--repeats`` runs, 
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable
 
 import torch
 
 from ebood import Outputs
 from ebood.detectors import create
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _timing import best_time  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -59,8 +49,8 @@ def main() -> None:
         net = det.network()
         z = (x - det.shift_) / det.scale_
         with torch.no_grad():
-            forward = best_of(lambda: net(z), args.repeats)
-        scored = best_of(lambda: score(det, x), args.repeats)
+            forward = best_time(lambda: net(z), args.repeats)
+        scored = best_time(lambda: score(det, x), args.repeats)
         print(f"{name:<24} {x.shape[0]:>6} {forward:>10.4f} {scored:>10.4f} {scored / forward:>14.2f} {det.num_scales:>17}")
 
 
