@@ -31,7 +31,8 @@ How it runs
 
 Caching
     With ``cache=DIR`` the outputs are stored in ``DIR/<key>.safetensors`` (written with
-    :func:`ebood.state.save_state`, so a damaged file fails its checksum). The key hashes the
+    :func:`ebood.state.save_state`, so a damaged file fails its checksum; the files are
+    :mod:`ebood.outputs_cache`). The key hashes the
     model's class, structure (``repr``), parameters and buffers; the layer list, pooling and output
     selection; and the data's identity: the dataset's ``fingerprint`` attribute when it has one
     (``ebood.data`` sets provide it), the full content for arrays and tensors, and otherwise its
@@ -48,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -58,10 +58,10 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
-from .io import FileWriteError
 from .outputs import Head, Outputs
+from .outputs_cache import read_cached_outputs, write_cached_outputs
+from .progress import progress_bar
 from .runtime import DeviceError, model_inputs, parse_device
-from .state import StateError, load_state, save_state
 
 __all__ = [
     "extract",
@@ -80,7 +80,6 @@ __all__ = [
 
 #: The name of the head's input among ``layers`` (and in ``Outputs.features`` dicts).
 PENULTIMATE = "penultimate"
-CACHE_FORMAT = "ebood.extract"
 _CACHE_LAYOUT = 1  # bump when the cached content for the same key changes meaning
 DEFAULT_BATCH_SIZE = 256
 _INPUT_KEYS = ("input", "inputs")
@@ -541,113 +540,6 @@ def _cache_key(model: nn.Module, layers: Sequence[str] | None, pool: str, output
     return h.hexdigest()
 
 
-def _outputs_to_tensors(out: Outputs, layer_order: list[str] | None) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    if out.logits is not None:
-        tensors["logits"] = out.logits
-    if out.labels is not None:
-        tensors["labels"] = out.labels
-    if isinstance(out.features, dict):
-        for name, t in out.features.items():
-            tensors[f"features/{name}"] = t
-    elif out.features is not None:
-        tensors["features"] = out.features
-    if out.head is not None:
-        tensors["head_weight"] = out.head.weight
-        tensors["head_bias"] = out.head.bias
-    return tensors
-
-
-def _read_cache(path: Path, key: str) -> Outputs | None:
-    if not path.is_file():
-        return None
-    try:
-        tensors, header = load_state(path, expected_format=CACHE_FORMAT)
-        if header.get("key") != key:
-            raise StateError(f"{path}: entry was written for another model / data (key mismatch)")
-        order = header.get("feature_layers")
-        features: Any = None
-        if order is not None:
-            features = {name: tensors[f"features/{name}"] for name in order}
-        elif "features" in tensors:
-            features = tensors["features"]
-        head = Head(tensors["head_weight"], tensors["head_bias"]) if "head_weight" in tensors else None
-        out = Outputs(logits=tensors.get("logits"), features=features, labels=tensors.get("labels"), head=head)
-        if len(out) != header.get("n"):
-            raise StateError(f"{path}: holds {len(out)} samples, its header says {header.get('n')}")
-        return out
-    except (StateError, KeyError, ValueError, TypeError) as exc:
-        warnings.warn(f"ignoring a stale or corrupt extraction cache entry, recomputing: {exc}", RuntimeWarning, stacklevel=3)
-        return None
-
-
-_UNWRITABLE_CACHES: set[Path] = set()
-
-
-def _write_cache(path: Path, key: str, out: Outputs, describe: dict[str, Any]) -> None:
-    """Store ``out`` under ``path``. Concurrent writers of one entry each write a file of their own
-    and rename it into place (the last rename wins; all hold the same outputs). A cache that cannot
-    be written is only an optimisation lost: one warning per folder, and the outputs are returned."""
-    order = list(out.features) if isinstance(out.features, dict) else None
-    header = {"format": CACHE_FORMAT, "key": key, "n": len(out), "feature_layers": order, **describe}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_state(path, _outputs_to_tensors(out, order), header)
-    except OSError as exc:
-        folder = path.parent.absolute()
-        if folder not in _UNWRITABLE_CACHES:
-            _UNWRITABLE_CACHES.add(folder)
-            reason = str(exc) if isinstance(exc, FileWriteError) else f"{folder}: {exc.strerror or exc}"
-            warnings.warn(f"extraction cache not written, the outputs are returned uncached: {reason}", RuntimeWarning, stacklevel=3)
-
-
-# ----- progress ----------------------------------------------------------------------------------
-
-
-class _NoProgress:
-    def advance(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-
-class _RichProgress:
-    def __init__(self, total: int | None, description: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.text import Text
-
-        class Throughput(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                return Text(f"{task.speed:,.0f} samples/s" if task.speed else "", style="progress.data.speed")
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Throughput(), TimeElapsedColumn(), TimeRemainingColumn(),
-            transient=True, redirect_stdout=False, redirect_stderr=False,
-            console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
-        )
-        self.task = self.progress.add_task(description, total=total)
-
-    def advance(self, n: int) -> None:
-        self.progress.advance(self.task, n)
-
-    def __enter__(self) -> "_RichProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-
-def _progress(enabled: bool, total: int | None, description: str) -> _NoProgress | _RichProgress:
-    if enabled and sys.stderr is not None and sys.stderr.isatty():
-        return _RichProgress(total, description)
-    return _NoProgress()
-
-
 # ----- the pass ----------------------------------------------------------------------------------
 
 
@@ -791,7 +683,7 @@ def extract(
         else:
             key = _cache_key(model, None if layers is None else layer_list, pool, output, amp_dtype, identity)
             path = Path(cache) / f"{key[:40]}.safetensors"
-            cached = _read_cache(path, key)
+            cached = read_cached_outputs(path, key)
             if cached is not None:
                 if on_batch is not None:
                     _visit(model, loader, dev, on_batch, total, progress)
@@ -801,13 +693,13 @@ def extract(
     result = _run(model, loader, layer_list, explicit=layers is not None, asked_penultimate=asked_penultimate, dev=dev, amp_dtype=amp_dtype, output=output,
                   pool=pool, result_device=torch.device(result_device), total=total, progress=progress, on_batch=on_batch)
     if path is not None and key is not None:
-        _write_cache(path, key, result, {"model": type(model).__name__, "layers": layer_list, "pool": pool})
+        write_cached_outputs(path, key, result, {"model": type(model).__name__, "layers": layer_list, "pool": pool})
     return result
 
 
 def _visit(model: nn.Module, loader: Iterable[Any], dev: torch.device, on_batch: Callable[..., None], total: int | None, progress: bool) -> None:
     """Read the data for ``on_batch`` only (the extraction outputs came from the cache)."""
-    with on_device(model, dev), eval_mode(model), _progress(progress, total, "scoring") as bar:
+    with on_device(model, dev), eval_mode(model), progress_bar(progress, total, "scoring") as bar:
         for batch in loader:
             x, y = split_batch(batch)
             on_batch(x.to(dev, non_blocking=True), y)
@@ -820,7 +712,7 @@ def _run(model: nn.Module, loader: Iterable[Any], layer_list: list[str], *, expl
     collected = _Collected(layer_list, result_device)
     autocast = (lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     first = True
-    with on_device(model, dev), eval_mode(model), LayerTap(model, layer_list, pool=pool) as tap, _progress(progress, total, "extracting") as bar:
+    with on_device(model, dev), eval_mode(model), LayerTap(model, layer_list, pool=pool) as tap, progress_bar(progress, total, "extracting") as bar:
         for batch in loader:
             x, y = split_batch(batch)
             x = x.to(dev, non_blocking=True)

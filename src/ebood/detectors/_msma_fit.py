@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..extraction import _progress
+from ..progress import progress_bar
 
 __all__ = ["dsm_loss", "network_loss", "train_score_network", "fit_density", "DEFAULT_COMPONENTS"]
 
@@ -78,7 +78,7 @@ def _train(network: nn.Module, train: torch.Tensor, val: torch.Tensor, sigmas: t
     opt = torch.optim.Adam(network.parameters(), lr=lr)
     best, best_state, best_epoch, history = math.inf, copy.deepcopy(network.state_dict()), 0, []
     network.train()
-    with _progress(progress, epochs, "msma: score matching (epochs)") as bar:
+    with progress_bar(progress, epochs, "msma: score matching (epochs)") as bar:
         for epoch in range(1, epochs + 1):
             order = torch.randperm(train.shape[0], generator=g)
             for start in range(0, train.shape[0], batch_size):

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..extraction import PENULTIMATE, LayerTap, _progress
+from ..extraction import PENULTIMATE, LayerTap
+from ..progress import progress_bar
 from .batches import LabelledSource, as_dataset, derived_seed
 from .checkpoint import save_weights
 from .loop import check_count, check_positive, cosine_factor, describe_data, resolve_device
@@ -280,7 +281,7 @@ def _palm_epochs(model: nn.Module, head: nn.Module, loss: PALMLoss, source: Labe
     history, step = [], 0
     model.train()
     head.train()
-    with _progress(progress, epochs * len(source), "PALM (steps)") as bar:
+    with progress_bar(progress, epochs * len(source), "PALM (steps)") as bar:
         for epoch in range(1, epochs + 1):
             started, sums, n = time.perf_counter(), [0.0, 0.0, 0.0], 0
             lr = opt.param_groups[0]["lr"]
