@@ -171,6 +171,13 @@ class ResNet18(nn.Module):
 # ----- DigitsCNN -------------------------------------------------------------------------------
 
 
+def _check_small_cnn(num_classes: int, hidden: int, dropout: float) -> None:
+    if num_classes < 1 or hidden < 1:
+        raise ValueError(f"num_classes and hidden must be >= 1, got {num_classes} and {hidden}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 class DigitsCNN(nn.Module):
     """A small CNN for 1x8x8 images with values in [0, 1] (scikit-learn's digits, scaled by 1/16).
 
@@ -183,10 +190,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, hidden: int = 64, dropout: float = 0.2) -> None:
         super().__init__()
-        if num_classes < 1 or hidden < 1:
-            raise ValueError(f"num_classes and hidden must be >= 1, got {num_classes} and {hidden}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_small_cnn(num_classes, hidden, dropout)
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
@@ -221,10 +225,7 @@ class FashionCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, hidden: int = 128, dropout: float = 0.2, in_channels: int = 1) -> None:
         super().__init__()
-        if num_classes < 1 or hidden < 1:
-            raise ValueError(f"num_classes and hidden must be >= 1, got {num_classes} and {hidden}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_small_cnn(num_classes, hidden, dropout)
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_channels, 16, 5, stride=2, padding=2, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
