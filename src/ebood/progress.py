@@ -21,13 +21,16 @@ class _NoProgress:
 
 
 class _RichProgress:
-    def __init__(self, total: int | None, description: str) -> None:
+    def __init__(self, total: int | None, description: str, unit: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.text import Text
 
         class Throughput(ProgressColumn):
             def render(self, task: Any) -> Text:
-                return Text(f"{task.speed:,.0f} samples/s" if task.speed else "", style="progress.data.speed")
+                if not task.speed:
+                    return Text("")
+                rate = f"{task.speed:,.0f}" if task.speed >= 10 else f"{task.speed:.2g}"
+                return Text(f"{rate} {unit}/s", style="progress.data.speed")
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Throughput(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -47,9 +50,9 @@ class _RichProgress:
         self.progress.stop()
 
 
-def progress_bar(enabled: bool, total: int | None, description: str) -> _NoProgress | _RichProgress:
-    """A context manager with ``advance(n)``: a rich bar with throughput on stderr when ``enabled`` and
-    stderr is a terminal, otherwise one that does nothing."""
+def progress_bar(enabled: bool, total: int | None, description: str, unit: str = "samples") -> _NoProgress | _RichProgress:
+    """A context manager with ``advance(n)``: a rich bar with the throughput in ``unit`` per second on
+    stderr when ``enabled`` and stderr is a terminal, otherwise one that does nothing."""
     if enabled and sys.stderr is not None and sys.stderr.isatty():
-        return _RichProgress(total, description)
+        return _RichProgress(total, description, unit)
     return _NoProgress()

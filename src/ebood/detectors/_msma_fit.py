@@ -78,7 +78,7 @@ def _train(network: nn.Module, train: torch.Tensor, val: torch.Tensor, sigmas: t
     opt = torch.optim.Adam(network.parameters(), lr=lr)
     best, best_state, best_epoch, history = math.inf, copy.deepcopy(network.state_dict()), 0, []
     network.train()
-    with progress_bar(progress, epochs, "msma: score matching (epochs)") as bar:
+    with progress_bar(progress, epochs, "msma: score matching", unit="epochs") as bar:
         for epoch in range(1, epochs + 1):
             order = torch.randperm(train.shape[0], generator=g)
             for start in range(0, train.shape[0], batch_size):

@@ -281,7 +281,7 @@ def _palm_epochs(model: nn.Module, head: nn.Module, loss: PALMLoss, source: Labe
     history, step = [], 0
     model.train()
     head.train()
-    with progress_bar(progress, epochs * len(source), "PALM (steps)") as bar:
+    with progress_bar(progress, epochs * len(source), "PALM", unit="steps") as bar:
         for epoch in range(1, epochs + 1):
             started, sums, n = time.perf_counter(), [0.0, 0.0, 0.0], 0
             lr = opt.param_groups[0]["lr"]
