@@ -94,6 +94,9 @@ def test_builtin_is_deterministic_and_cached(builtin_result, tmp_path):
     assert fresh.rows == pre
     warm = run_builtin(seed=0, cache_dir=cache, detectors=FAST, open_set=False, progress=False)
     assert warm.timings["training"] == 0.0
+    assert warm.timings["fitting"] == warm.timings["scoring"] == 0.0  # every score came from the cache, and the notes say so
+    assert not [n for n in result.notes if "from the cache" in n]
+    assert [n for n in warm.notes if n.startswith("detector scores of pretrained, energy_finetuned, oe_finetuned")]
     assert [r for r in warm.rows if r["model"] != "openset"] == [r for r in result.rows if r["model"] != "openset"]
 
 

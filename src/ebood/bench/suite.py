@@ -212,6 +212,7 @@ def run_suite(suite: Suite, *, seed: int, cache: Path, detectors: Sequence[Detec
 
     trained: dict[str, nn.Module] = {}
     keys: dict[str, str] = {}
+    from_cache: list[str] = []
     for spec in suite.models:
         key = cache_key(spec.name, data.train.fingerprint, *spec.key, [keys[n] for n in spec.needs], seed)
         model, secs = cached_model(cache, key, lambda: suite.build(data.num_classes), lambda m, s=spec: s.train(m, trained), log,
@@ -227,15 +228,21 @@ def run_suite(suite: Suite, *, seed: int, cache: Path, detectors: Sequence[Detec
             result.models[spec.name]["training_seconds"] = round(secs, 2)
             result.notes.append(f"{spec.name}: trained in {secs:.1f} s" if secs else f"{spec.name}: loaded from the cache")
         log(f"{spec.name}: {len(dets)} detectors evaluated in {time.perf_counter() - t:.1f} s{_FROM_CACHE if cached else ''}")
+        if cached:
+            from_cache.append(spec.name)
 
-    if suite.open_set is not None:
-        _evaluate_open_set(suite, seed, cache, chosen, result, progress, log)
+    if suite.open_set is not None and _evaluate_open_set(suite, seed, cache, chosen, result, progress, log):
+        from_cache.append("openset")
+    if from_cache:
+        result.notes.append(f"detector scores of {', '.join(from_cache)} from the cache ({cache / 'scores'}): metrics recomputed, "
+                            "nothing fitted or scored in this run's timings")
     result.timings["total"] = time.perf_counter() - t0
     return result
 
 
 def _evaluate_open_set(suite: Suite, seed: int, cache: Path, detectors: Sequence[DetectorSpec], result: BenchResult,
-                       progress: bool, log: Callable[[str], None]) -> None:
+                       progress: bool, log: Callable[[str], None]) -> bool:
+    """Train (or load) and evaluate the open-set model; returns whether its scores came from the cache."""
     split = suite.open_set
     assert split is not None
     recipe = asdict(suite.preset.pretrain) if suite.preset.pretrain else None
@@ -250,3 +257,4 @@ def _evaluate_open_set(suite: Suite, seed: int, cache: Path, detectors: Sequence
                             id_val=split.val, ood_validation={"auxiliary": suite.data.auxiliary}, seed=seed, cache=cache / "outputs",
                             progress=progress, description=split.model_description, score_cache=cache / "scores")
     log(f"openset: {len(detectors)} detectors evaluated in {time.perf_counter() - t:.1f} s{_FROM_CACHE if cached else ''}")
+    return cached
