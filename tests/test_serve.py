@@ -185,3 +185,27 @@ def test_replicas_load_an_exported_file_like_the_wrapped_module(fitted, tmp_path
         a, b = direct(x), loaded(x)
     torch.testing.assert_close(a["score"], b["score"])
     assert torch.equal(a["is_ood"], b["is_ood"])
+
+
+@pytest.mark.parametrize("flag", ["--address", "--ray"])
+def test_cli_serve_joins_the_cluster_named_by_address_or_ray(fitted, monkeypatch, flag):
+    """`ebood serve --ray ADDRESS` means what `--ray ADDRESS` means in `ebood score` / `ebood fit`."""
+    from cli_helpers import run
+
+    from ebood.deploy import serve as served
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def start(source, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(served, "start", start)
+    _, _, folder = fitted
+    res = run("serve", "--model", "digits_cnn", "--checkpoint", folder / "ck.pt", "--detector", folder / "det.safetensors",
+              flag, "ray://head:10001")
+    assert res.exit_code != 0 and "Stop" in res.output  # start() was reached, and its failure reported
+    assert seen["address"] == "ray://head:10001"

@@ -74,7 +74,7 @@ def serve_command(
     logits_from: Optional[str] = typer.Option(None, "--logits-from", help="When the model returns a tuple or dict: the index or key of the logits."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join the Ray cluster at ADDRESS (auto, HOST:PORT, ray://...); default: start a local Ray instance."),
+    address: Optional[str] = typer.Option(None, "--address", "--ray", help="Join the Ray cluster at ADDRESS (auto, HOST:PORT, ray://...); default: start a local Ray instance. --ray ADDRESS is the same, as in `ebood score` / `ebood fit`."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Replicas of the deployment (each holds the module; metrics are per replica)."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Requests merged into one forward pass at most."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="How long a request waits for others to batch with."),
