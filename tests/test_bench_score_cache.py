@@ -98,12 +98,17 @@ def test_data_that_cannot_be_identified_cheaply_is_not_cached(sets, tmp_path):
     assert scores_key(_model(), {"id_test": Stream()}, [("energy", {"name": "energy"})]) is None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def _flip_last_byte(data: bytes) -> bytes:  # inside the last tensor: the file still parses, its checksum fails
+    return data[:-1] + bytes([data[-1] ^ 0x40])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "flipped"])
 def test_a_damaged_entry_is_recomputed_and_rewritten(sets, tmp_path, damage):
     cold, _ = _evaluate(_model(), sets, tmp_path)
     (entry,) = tmp_path.glob("*.safetensors")
     data = entry.read_bytes()
-    entry.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a safetensors file" * 10, "empty": b""}[damage])
+    entry.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a safetensors file" * 10, "empty": b"",
+                       "flipped": _flip_last_byte(data)}[damage])
     again, cached = _evaluate(_model(), sets, tmp_path)
     assert not cached and again.rows == cold.rows
     _, cached = _evaluate(_model(), sets, tmp_path)

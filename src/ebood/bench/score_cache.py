@@ -7,9 +7,10 @@ of these, so a cached entry is reused only when none changed: the model by
 :func:`ebood.extraction.model_fingerprint`, each dataset by :func:`ebood.extraction.data_identity`,
 the code by a digest of the package's source files below the benchmark layer (detectors, scores,
 extraction, models, ...). Data that cannot be identified without reading all of it gives no key
-(nothing is cached). An entry is one safetensors file: the raw scores, the ID test correctness, and
-a JSON header with the ID accuracy and the fit seconds of the run that computed them. An unreadable
-entry is ignored (the scores are recomputed and the entry rewritten).
+(nothing is cached). An entry is one state file (:func:`ebood.state.save_state`: written atomically,
+checksummed): the raw scores, the ID test correctness, and a header with the ID accuracy and the fit
+seconds of the run that computed them. An entry that fails its checks is ignored (the scores are
+recomputed and the entry rewritten).
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from ..extraction import data_identity, model_fingerprint
-from ..io import atomic_write_bytes
+from ..state import StateError, load_state, save_state
 
 __all__ = ["CachedScores", "scores_key", "load_scores", "save_scores", "code_digest"]
 
 #: bump when the entry's layout changes
 _LAYOUT = 1
+CACHE_FORMAT = "ebood.bench.scores"
 #: subpackages whose code cannot change a detector's scores (the layers above the runner)
 _NOT_SCORING = ("bench", "cli", "report", "deploy", "distributed")
 
@@ -87,32 +87,28 @@ def scores_key(model: torch.nn.Module, datasets: Mapping[str, Any], detectors: S
 
 
 def save_scores(path: str | Path, entry: CachedScores) -> Path:
-    """Write ``entry`` to ``path`` (atomically; the folder is created)."""
+    """Write ``entry`` to ``path`` (:func:`ebood.state.save_state`: atomic, checksummed; the folder is created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     index: list[list[str]] = []
     for label, per_set in entry.scores.items():
         for set_name, s in per_set.items():
-            tensors[f"s{len(index)}"] = s.detach().cpu().contiguous()
+            tensors[f"s{len(index)}"] = s
             index.append([label, set_name])
     if entry.id_correct is not None:
-        tensors["id_correct"] = entry.id_correct.detach().cpu().to(torch.uint8).contiguous()
-    header = {"index": index, "id_accuracy": entry.id_accuracy, "fit_seconds": entry.fit_seconds, "timings": entry.timings,
-              "tpr": entry.tpr}
-    return atomic_write_bytes(path, save(tensors, metadata={"ebood_scores": json.dumps(header)}))
+        tensors["id_correct"] = entry.id_correct.to(torch.uint8)
+    header = {"format": CACHE_FORMAT, "index": index, "id_accuracy": entry.id_accuracy, "fit_seconds": entry.fit_seconds,
+              "timings": entry.timings, "tpr": entry.tpr}
+    return save_state(path, tensors, header)
 
 
 def load_scores(path: str | Path) -> CachedScores | None:
-    """The entry at ``path``, or ``None`` when there is none or it cannot be read back whole."""
+    """The entry at ``path``, or ``None`` when there is none or it fails its checks (damaged, another format)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["ebood_scores"])
-        tensors = load_file(str(path))
+        tensors, header = load_state(path, expected_format=CACHE_FORMAT)
         scores: dict[str, dict[str, torch.Tensor]] = {}
         for i, (label, set_name) in enumerate(header["index"]):
             scores.setdefault(label, {})[set_name] = tensors[f"s{i}"]
@@ -121,5 +117,5 @@ def load_scores(path: str | Path) -> CachedScores | None:
                             id_correct=correct.to(torch.bool) if correct is not None else None,
                             fit_seconds={k: float(v) for k, v in header["fit_seconds"].items()},
                             timings={k: float(v) for k, v in header["timings"].items()}, tpr=float(header["tpr"]), cached=True)
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError):
+    except (StateError, KeyError, ValueError, TypeError):
         return None
