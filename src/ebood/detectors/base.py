@@ -66,6 +66,16 @@ class DegenerateFitError(ValueError):
     """The training data cannot define the detector (identical rows, a single class, ...)."""
 
 
+def warn_unseen_classes(seen: torch.Tensor, message: str, *, stacklevel: int) -> None:
+    """A RuntimeWarning ``message`` (``{classes}`` filled with the first ten unseen class indices) when
+    some entry of the boolean per-class ``seen`` is false; ``stacklevel`` as seen from the caller."""
+    if bool(seen.all()):
+        return
+    missing = torch.nonzero(~seen)[:, 0].tolist()
+    classes = f"{missing[:10]}{'...' if len(missing) > 10 else ''}"
+    warnings.warn(message.format(classes=classes), RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def register(cls: type["Detector"]) -> type["Detector"]:
     """Class decorator: add a detector to the registry under ``cls.name``."""
     if not cls.name:

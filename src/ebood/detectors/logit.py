@@ -13,7 +13,7 @@ from .._arrays import accumulation_dtype
 from ..outputs import Outputs
 from ._finite import check_finite_rows
 from ._learned import number, tensor
-from .base import Detector, register
+from .base import Detector, register, warn_unseen_classes
 
 __all__ = ["MSP", "MaxLogit", "Energy", "Entropy", "GEN", "KLMatching", "TemperatureScaling"]
 
@@ -226,14 +226,8 @@ class KLMatching(Detector):
         present = self.class_counts_ > 0
         if not bool(present.any()):
             raise ValueError("kl_matching: no training samples were seen")
-        if not bool(present.all()):
-            missing = torch.nonzero(~present)[:, 0].tolist()
-            warnings.warn(
-                f"kl_matching: no training sample is predicted as class(es) {missing[:10]}{'...' if len(missing) > 10 else ''}; "
-                "they get no template",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        warn_unseen_classes(present, "kl_matching: no training sample is predicted as class(es) {classes}; they get no template",
+                            stacklevel=4)
         templates = self.class_sums_[present] / self.class_counts_[present, None]
         # A template entry can only be 0 through underflow; keep its log finite.
         self._log_templates = torch.log(templates.clamp_min(torch.finfo(torch.float64).tiny))

@@ -3,14 +3,13 @@ Predictions and When to Defer to Human Judgment?", arXiv:2407.07821, 2024)."""
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
 from .._arrays import accumulation_dtype
 from ..outputs import Outputs
 from ._learned import tensor
-from .base import Detector, register
+from .base import Detector, register, warn_unseen_classes
 from .logit import _check_finite, _check_labels, _row_chunks, _saturate
 
 __all__ = ["SoftmaxCentroid"]
@@ -64,14 +63,8 @@ class SoftmaxCentroid(Detector):
         centroids = torch.eye(c, dtype=torch.float64)
         seen = counts > 0
         centroids[seen] = sums[seen] / counts[seen, None]
-        if not bool(seen.all()):
-            missing = torch.nonzero(~seen)[:, 0].tolist()
-            warnings.warn(
-                f"softmax_centroid: no correct prediction of class(es) {missing[:10]}{'...' if len(missing) > 10 else ''} "
-                "in the fit outputs; their centroid is the one-hot vector",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_unseen_classes(seen, "softmax_centroid: no correct prediction of class(es) {classes} in the fit outputs; "
+                            "their centroid is the one-hot vector", stacklevel=3)
         self.centroids_ = centroids
         thresholds = torch.full((c,), float("inf"), dtype=torch.float64)
         for rows, p in self._softmax_chunks(logits):
