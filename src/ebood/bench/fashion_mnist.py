@@ -32,8 +32,9 @@ __all__ = ["run_fashion_mnist", "FINETUNE_SIZE", "MSMA", "DETECTOR_SETTINGS", "T
 #: and OE losses reshape the energies within a few hundred steps, and a full epoch would double the cold run.
 FINETUNE_SIZE = 18_000
 
-#: torch threads of the run. Two: training runs 1.6x faster than on one thread on an idle 2-core machine, and a
-#: fixed count keeps the trained weights (reductions split over threads) the same on machines with more cores.
+#: torch threads of the run. Two: a training step runs 1.4x faster than on one thread on an idle 2-core machine
+#: (benchmarks/fashion_threads.py), and a fixed count keeps the trained weights (reductions split over threads)
+#: the same on machines with more cores.
 THREADS = 2
 
 #: msma trains a score network per fit: at most 40 epochs on 10,000 of the 54,000 training features (seeded).
